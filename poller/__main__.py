@@ -1,0 +1,68 @@
+"""`python -m poller [run|migrate]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from . import logs
+from .settings import SECRET_VARS, ConfigError, Settings
+
+EXIT_CONFIG = 2
+
+
+def _run() -> int:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"poller: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    secrets = [os.environ[v] for v in SECRET_VARS if os.environ.get(v)]
+    logs.configure(settings.log_format, settings.log_level, secrets)
+    from .service import Service
+
+    async def main() -> int:
+        return await Service(settings).run()
+
+    return asyncio.run(main())
+
+
+def _migrate(database_url: str | None) -> int:
+    from .migrate import MigrationError, migrate
+
+    dsn = database_url or os.environ.get("DATABASE_URL")
+    if not dsn:
+        print("poller migrate: DATABASE_URL: required (or pass --database-url)", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure("text", "INFO", [dsn])
+    log = logging.getLogger("poller.migrate")
+    try:
+        report = asyncio.run(migrate(dsn))
+    except MigrationError as exc:
+        log.error("%s", exc)
+        return 1
+    except (OSError, TimeoutError) as exc:
+        log.error("cannot reach the database: %s", exc.__class__.__name__)
+        return 1
+    for name, applied in report:
+        log.info("%s: %s", name, "applied" if applied else "already applied")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m poller", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the poller (default); configured by environment variables")
+    mig = sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
+    mig.add_argument("--database-url", help="Postgres URL; default: $DATABASE_URL")
+    args = parser.parse_args(argv)
+    if args.command == "migrate":
+        return _migrate(args.database_url)
+    return _run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

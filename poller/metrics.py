@@ -1,0 +1,67 @@
+"""Prometheus metrics of one poller process (names start with `soundcheck_poller_`).
+
+Each `Metrics` has its own registry, so tests can run several services in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.pings = Counter(
+            "soundcheck_poller_pings", "Pings made, by resulting sample status", ["status"],
+            registry=r,
+        )
+        self.rtt = Histogram(
+            "soundcheck_poller_rtt_seconds", "Round-trip time of successful pings",
+            buckets=_RTT_BUCKETS, registry=r,
+        )
+        self.lateness = Histogram(
+            "soundcheck_poller_lateness_seconds",
+            "How long after its slot's due time a ping started",
+            buckets=_LATENESS_BUCKETS, registry=r,
+        )
+        self.buffered = Gauge(
+            "soundcheck_poller_buffered_samples", "Samples waiting to be written", registry=r
+        )
+        self.written = Counter(
+            "soundcheck_poller_samples_written", "Samples accepted by the database", registry=r
+        )
+        self.dropped = Counter(
+            "soundcheck_poller_samples_dropped",
+            "Samples dropped because the buffer was full during a database outage", registry=r,
+        )
+        self.flushes = Counter(
+            "soundcheck_poller_flushes", "Batch writes (one SQL API call each)", registry=r
+        )
+        self.flush_errors = Counter(
+            "soundcheck_poller_flush_errors", "Batch writes that failed and will be retried",
+            registry=r,
+        )
+        self.syncs = Counter("soundcheck_poller_syncs", "Job syncs that succeeded", registry=r)
+        self.sync_errors = Counter(
+            "soundcheck_poller_sync_errors", "Job syncs that failed", registry=r
+        )
+        self.owned_jobs = Gauge(
+            "soundcheck_poller_owned_jobs", "Running jobs this replica pings", registry=r
+        )
+        self.in_flight = Gauge(
+            "soundcheck_poller_pings_in_flight", "Pings started and not yet answered", registry=r
+        )
+        self.completed = Counter(
+            "soundcheck_poller_jobs_completed", "Jobs this replica marked completed", registry=r
+        )
+        self.last_sync = Gauge(
+            "soundcheck_poller_last_sync_timestamp_seconds", "When the last good sync ended",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,149 @@
+"""Client of the SpreeDB Latency API (and of our sidecar, which speaks the same API).
+
+Routes: `GET {base}/latency/{group}/{ip}/` → `{elapsed, error, expected, ip, poller}`
+(default, as the original service), or `POST {base}/ping {"ip"}` → `{success, rtt_ms, error}`.
+One aiohttp session; a semaphore bounds requests in flight to CONCURRENCY so the per-request
+timeout covers the request only, never the wait for a free slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import math
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+
+from ..models import SampleStatus
+from . import PingResult, system_error
+
+# Error texts that mean "the target did not answer" rather than "the check itself failed".
+_MISSED_WORDS = ("timeout", "timed out", "unreachable", "no reply", "host down")
+
+
+def classify_error_text(error: str) -> PingResult:
+    lowered = error.lower()
+    if any(word in lowered for word in _MISSED_WORDS):
+        return PingResult(SampleStatus.MISSED, None, error)
+    return system_error(error)
+
+
+def _positive_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def classify_latency_body(body: Any) -> PingResult:
+    """The classification table of the original service for `GET /latency/...` bodies."""
+    if not isinstance(body, dict):
+        return system_error(f"unexpected response body: {type(body).__name__}")
+    error = body.get("error")
+    if error:
+        return classify_error_text(str(error))
+    elapsed = body.get("elapsed")
+    if elapsed is not None and (isinstance(elapsed, bool) or not isinstance(elapsed, int | float)):
+        return system_error(f"non-numeric elapsed: {elapsed!r}")
+    rtt = _positive_number(elapsed)
+    if rtt is not None:
+        return PingResult(SampleStatus.SUCCESS, rtt)
+    return PingResult(SampleStatus.MISSED, None, "no elapsed time")
+
+
+def classify_ping_body(body: Any) -> PingResult:
+    """The same table for `POST /ping` bodies: `{success, rtt_ms, error}`."""
+    if not isinstance(body, dict):
+        return system_error(f"unexpected response body: {type(body).__name__}")
+    error = body.get("error")
+    if error:
+        return classify_error_text(str(error))
+    rtt = _positive_number(body.get("rtt_ms"))
+    if body.get("success") is True and rtt is not None:
+        return PingResult(SampleStatus.SUCCESS, rtt)
+    return PingResult(SampleStatus.MISSED, None, "no reply")
+
+
+def valid_ip(target: str | None) -> str | None:
+    """The normalised address, or None: only a valid IP ever reaches a URL."""
+    if not target:
+        return None
+    try:
+        return str(ipaddress.ip_address(target.strip()))
+    except ValueError:
+        return None
+
+
+class LatencyApiPinger:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        route: Literal["latency", "ping"] = "latency",
+        group: str = "Sound Check",
+        timeout_s: float = 10.0,
+        concurrency: int = 50,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._route = route
+        self._group = quote(group, safe="")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, raise_for_status=False
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def ping(self, ip: str) -> PingResult:
+        addr = valid_ip(ip)
+        if addr is None:
+            return system_error(f"invalid target address {ip!r}")
+        if self._session is None:
+            raise RuntimeError("LatencyApiPinger.start() was not called")
+        async with self._slots:
+            self._in_flight += 1
+            try:
+                return await self._request(addr)
+            finally:
+                self._in_flight -= 1
+
+    async def _request(self, addr: str) -> PingResult:
+        assert self._session is not None
+        try:
+            if self._route == "latency":
+                url = f"{self._base}/latency/{self._group}/{quote(addr, safe='')}/"
+                resp_cm = self._session.get(url)
+                classify = classify_latency_body
+            else:
+                resp_cm = self._session.post(f"{self._base}/ping", json={"ip": addr})
+                classify = classify_ping_body
+            async with resp_cm as resp:
+                if not 200 <= resp.status < 300:
+                    return system_error(f"latency API answered HTTP {resp.status}")
+                text = await resp.text()
+        except TimeoutError:
+            return system_error("latency API did not answer in time")
+        except aiohttp.ClientError as exc:
+            return system_error(f"latency API unreachable: {exc.__class__.__name__}")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return system_error("latency API sent a body that is not JSON")
+        return classify(body)

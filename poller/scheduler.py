@@ -1,0 +1,180 @@
+"""When each job's next ping is due (DESIGN §4), as one timer heap.
+
+Slot k of a job falls due at `started_at + k·cadence_seconds` for every slot before the
+job's end; `sequence_number = k`. Phases come from each job's own start time, never from
+a global tick, so load spreads the way jobs were started. The scheduler only decides
+*when*: it hands (job, slot, due) to `on_slot`, and a job whose last slot is past to
+`on_expired`.
+
+Rules that keep samples exact:
+- a slot is dispatched at most once per process, even if its job leaves and comes back;
+- a job first seen after its start resumes at the next future slot (past slots are never
+  invented), except that a job never pinged at all (`last_ping_at` null) gets slot 0 late
+  rather than lose its first sample to sync delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from .models import Job
+from .pingers.latency_api import valid_ip
+
+_MAX_IDLE_S = 1.0  # wake at least this often, so /health sees the loop turning
+_YIELD_EVERY = 500  # dispatches between yields to the event loop in a burst
+
+
+@dataclass(slots=True)
+class JobState:
+    job: Job
+    ip: str | None  # validated address, None when the target is missing or invalid
+    next_slot: int
+    generation: int
+    last_rtt: float | None = None
+    in_flight: int = 0
+    expired: bool = False  # the end entry fired: no slot left
+    complete_when_idle: bool = False
+
+
+def first_slot(job: Job, now: float) -> int:
+    """The first slot to ping for a job seen now for the first time."""
+    start = job.started_at.timestamp()
+    k = max(0, math.ceil((now - start) / job.cadence_seconds))
+    if k == 1 and job.last_ping_at is None:
+        return 0  # never pinged: its first sample is late rather than missing
+    return k
+
+
+@dataclass(order=True, slots=True)
+class _Entry:
+    due: float
+    order: int
+    job_id: UUID = field(compare=False)
+    generation: int = field(compare=False)
+    slot: int = field(compare=False)  # -1: the job's end
+
+
+class Scheduler:
+    def __init__(
+        self,
+        on_slot: Callable[[JobState, int, float], None],
+        on_expired: Callable[[JobState], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._on_slot = on_slot
+        self._on_expired = on_expired
+        self._clock = clock
+        self._jobs: dict[UUID, JobState] = {}
+        # Last slot dispatched for jobs that left the owned set, until they end: a job that
+        # comes back (topology flicker, a sync hiccup) never gets a slot twice.
+        self._departed: dict[UUID, tuple[Job, int]] = {}
+        self._heap: list[_Entry] = []
+        self._order = 0
+        self._generation = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.heartbeat = time.monotonic()
+
+    @property
+    def jobs(self) -> dict[UUID, JobState]:
+        return self._jobs
+
+    def update(self, jobs: Iterable[Job]) -> None:
+        """Replace the owned set with the result of a sync."""
+        now = self._clock()
+        incoming = {j.id: j for j in jobs if j.cadence_seconds > 0 and j.duration_minutes > 0}
+        for job_id in self._jobs.keys() - incoming.keys():
+            state = self._jobs.pop(job_id)
+            self._departed[job_id] = (state.job, state.next_slot - 1)
+        for job_id, job in incoming.items():
+            state = self._jobs.get(job_id)
+            if state is not None and _same_slots(state.job, job):
+                if state.job.target_ip != job.target_ip:
+                    state.job, state.ip = job, valid_ip(job.target_ip)
+                if state.expired and state.in_flight == 0 and not state.complete_when_idle:
+                    # Still running after we asked to complete it (write failed, clock skew):
+                    # ask again.
+                    self._push(now, state, -1)
+                continue
+            self._add(job, now, state)
+        for job_id, (job, _) in list(self._departed.items()):
+            if job.ends_at.timestamp() < now:
+                del self._departed[job_id]
+        self._wake.set()
+
+    def _add(self, job: Job, now: float, state: JobState | None) -> None:
+        k = first_slot(job, now)
+        departed = self._departed.pop(job.id, None)
+        if departed is not None and _same_slots(departed[0], job):
+            k = max(k, departed[1] + 1)
+        self._generation += 1
+        if state is None:
+            state = JobState(job, valid_ip(job.target_ip), k, self._generation)
+            self._jobs[job.id] = state
+        else:
+            # Its slots changed (an edited job): update the same object, which pings in
+            # flight hold, and let the new generation void the old heap entries.
+            if state.job.started_at == job.started_at:
+                k = max(k, state.next_slot)
+            state.job, state.ip, state.next_slot = job, valid_ip(job.target_ip), k
+            state.generation, state.expired = self._generation, False
+        self._push_next(state)
+
+    def _push(self, due: float, state: JobState, slot: int) -> None:
+        self._order += 1
+        heapq.heappush(self._heap, _Entry(due, self._order, state.job.id, state.generation, slot))
+
+    def _push_next(self, state: JobState) -> None:
+        if state.next_slot < state.job.slot_count:
+            self._push(state.job.slot_due(state.next_slot), state, state.next_slot)
+        else:
+            self._push(state.job.ends_at.timestamp(), state, -1)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        dispatched = 0
+        while not self._stopping:
+            self.heartbeat = time.monotonic()
+            now = self._clock()
+            while self._heap and self._heap[0].due <= now and not self._stopping:
+                entry = heapq.heappop(self._heap)
+                state = self._jobs.get(entry.job_id)
+                if state is None or state.generation != entry.generation:
+                    continue  # the job left or was replaced
+                if entry.slot < 0:
+                    state.expired = True
+                    self._on_expired(state)
+                    continue
+                if entry.slot != state.next_slot:
+                    continue
+                state.next_slot += 1
+                self._on_slot(state, entry.slot, entry.due)
+                self._push_next(state)
+                dispatched += 1
+                if dispatched % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                    now = self._clock()
+            delay = _MAX_IDLE_S
+            if self._heap:
+                delay = min(delay, max(0.0, self._heap[0].due - self._clock()))
+            self._wake.clear()
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+
+def _same_slots(a: Job, b: Job) -> bool:
+    return (a.started_at, a.cadence_seconds, a.duration_minutes) == (
+        b.started_at, b.cadence_seconds, b.duration_minutes)

@@ -1,0 +1,224 @@
+"""The poller process: one settings object, an explicit start/stop lifecycle, signal
+handling in one place, every background task owned and awaited.
+
+    sync loop ──jobs──▶ scheduler ──slots──▶ prober ──samples──▶ recorder ──batches──▶ store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .logs import RateLimited
+from .metrics import Metrics
+from .pingers import Pinger
+from .pingers.latency_api import LatencyApiPinger
+from .prober import Prober
+from .probes import make_app
+from .recorder import Recorder
+from .scheduler import Scheduler
+from .settings import Settings
+from .store import Store, StoreMisconfigured, StoreUnavailable, check_api_version
+
+log = logging.getLogger("poller")
+
+_STUCK_S = 10.0  # a loop that has not turned for this long (beyond its own waits) is stuck
+
+
+def make_store(settings: Settings) -> Store:
+    timeout = settings.db_timeout_ms / 1000
+    if settings.transport == "postgres":
+        from .store.postgres import PostgresStore
+
+        assert settings.database_url is not None
+        return PostgresStore(settings.database_url.get_secret_value(), timeout)
+    raise NotImplementedError("the Supabase transport is not available in this build")
+
+
+def make_pinger(settings: Settings) -> Pinger:
+    return LatencyApiPinger(
+        settings.latency_api_url,
+        route=settings.latency_api_route,
+        group=settings.latency_api_group,
+        timeout_s=settings.ping_timeout_ms / 1000,
+        concurrency=settings.concurrency,
+    )
+
+
+class Service:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, pinger: Pinger | None = None
+    ) -> None:
+        self.settings = s = settings
+        self.metrics = Metrics()
+        self.store = store or make_store(s)
+        self.pinger = pinger or make_pinger(s)
+        self.recorder = Recorder(
+            self.store, self.metrics,
+            batch_size=s.batch_size,
+            flush_interval_s=s.batch_flush_interval_ms / 1000,
+            max_buffered=s.max_buffered_samples,
+            max_backoff_s=s.retry_max_backoff_ms / 1000,
+        )
+        self.prober = Prober(
+            self.pinger, self.recorder, self.metrics,
+            concurrency=s.concurrency, timeout_s=s.ping_timeout_ms / 1000,
+        )
+        self.scheduler = Scheduler(self.prober.on_slot, self.prober.on_expired)
+        self.replica_counts = [s.replica_count]
+        self.stopping = asyncio.Event()
+        self.first_sync_done = False
+        self.last_sync_ok: float | None = None  # monotonic
+        self.sync_error: str | None = None
+        self.sync_heartbeat = time.monotonic()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._runner: web.AppRunner | None = None
+        self._say = RateLimited(log, 60.0)
+
+    # Lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info(
+            "poller %s starting: replica %d/%d, transport %s, pinger %s, port %d",
+            __version__, s.replica_id, s.replica_count, s.transport, s.ping_backend, s.port,
+        )
+        await self.store.open()
+        await self.pinger.start()
+        self._runner = web.AppRunner(make_app(self), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "0.0.0.0", s.port, shutdown_timeout=1.0).start()
+        self._tasks = {
+            "sync": asyncio.create_task(self._sync_loop(), name="sync"),
+            "scheduler": asyncio.create_task(self.scheduler.run(), name="scheduler"),
+            "recorder": asyncio.create_task(self.recorder.run(), name="recorder"),
+        }
+
+    async def stop(self) -> bool:
+        """Graceful stop within SHUTDOWN_GRACE_MS; True when every sample was written."""
+        self.stopping.set()  # /ready answers 503 from here on
+        deadline = time.monotonic() + self.settings.shutdown_grace_ms / 1000
+        log.info("stopping: no new pings; finishing %d out, %d samples buffered",
+                 self.prober.pending, self.recorder.buffered)
+        self.scheduler.stop()
+        for name in ("sync", "scheduler", "recorder"):
+            task = self._tasks.get(name)
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        # Leave at least a third of the grace for the final writes.
+        grace_left = deadline - time.monotonic()
+        await self.prober.drain(min(grace_left * 2 / 3, self.settings.ping_timeout_ms / 1000 + 1))
+        complete = await self.recorder.drain(deadline)
+        await self.pinger.close()
+        await self.store.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        log.info("stopped: %s", "all samples written" if complete else "samples were lost")
+        return complete
+
+    async def run(self) -> int:
+        """Start, wait for SIGTERM/SIGINT, stop. The process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        crashed = asyncio.create_task(self._watch_tasks())
+        await self.stopping.wait()
+        crashed.cancel()
+        ok = await self.stop()
+        return 0 if ok else 1
+
+    async def _watch_tasks(self) -> None:
+        """A loop that dies is a bug: log it and stop (flushing) rather than limp on."""
+        done, _ = await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s loop crashed", task.get_name(), exc_info=task.exception())
+        self.stopping.set()
+
+    # Sync --------------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        interval = self.settings.poll_interval_ms / 1000
+        api_checked = False
+        while True:
+            self.sync_heartbeat = time.monotonic()
+            try:
+                if not api_checked:
+                    check_api_version(await self.store.api_version())
+                    api_checked = True
+                await self.sync_once()
+            except StoreMisconfigured as exc:
+                self.sync_error = str(exc)
+                self.metrics.sync_errors.inc()
+                self._say(logging.ERROR, "misconfigured", "cannot sync jobs: %s", exc)
+            except StoreUnavailable as exc:
+                self.sync_error = str(exc)
+                self.metrics.sync_errors.inc()
+                self._say(logging.WARNING, "unavailable",
+                          "sync failed, keeping the %d jobs known: %s",
+                          len(self.scheduler.jobs), exc)
+            await asyncio.sleep(interval)
+
+    async def sync_once(self) -> None:
+        s = self.settings
+        jobs = await self.store.sync_jobs(s.replica_id, self.replica_counts)
+        self.scheduler.update(jobs)
+        if not self.first_sync_done or self.sync_error:
+            log.info("synced: %d jobs owned", len(self.scheduler.jobs))
+        self.first_sync_done = True
+        self.sync_error = None
+        self.last_sync_ok = time.monotonic()
+        self.metrics.syncs.inc()
+        self.metrics.owned_jobs.set(len(self.scheduler.jobs))
+        self.metrics.last_sync.set(time.time())
+
+    # Probes ------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        reasons = []
+        if self.stopping.is_set():
+            reasons.append("shutting down")
+        if not self.first_sync_done:
+            reasons.append("no successful job sync yet")
+        if self.sync_error:
+            reasons.append(f"job sync failing: {self.sync_error}")
+        if self.recorder.last_error:
+            reasons.append(f"sample writes failing: {self.recorder.last_error}")
+        return not reasons, {"ready": not reasons, "reasons": reasons}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        s = self.settings
+        now = time.monotonic()
+        db_wait = 2 * s.db_timeout_ms / 1000
+        limits = {
+            "scheduler": (self.scheduler.heartbeat, _STUCK_S),
+            "sync": (self.sync_heartbeat, s.poll_interval_ms / 1000 + db_wait + _STUCK_S),
+            "recorder": (self.recorder.heartbeat, s.batch_flush_interval_ms / 1000
+                         + s.retry_max_backoff_ms / 1000 + db_wait + _STUCK_S),
+        }
+        stuck = [
+            name for name, (beat, limit) in limits.items()
+            if now - beat > limit or (name in self._tasks and self._tasks[name].done()
+                                      and not self.stopping.is_set())
+        ]
+        body = {
+            "status": "stuck" if stuck else "ok",
+            "stuck_loops": stuck,
+            "version": __version__,
+            "replica": f"{s.replica_id}/{'+'.join(map(str, self.replica_counts))}",
+            "owned_jobs": len(self.scheduler.jobs),
+            "pings_in_flight": self.prober.in_flight,
+            "pings_pending": self.prober.pending,
+            "buffered_samples": self.recorder.buffered,
+            "last_good_sync_age_s": (
+                None if self.last_sync_ok is None else round(now - self.last_sync_ok, 3)),
+        }
+        return not stuck, body

@@ -1,0 +1,130 @@
+"""The poller's one settings object, read from environment variables.
+
+Names and defaults of the original service are kept (PORT, SUPABASE_URL, ...). Settings
+are validated by pydantic from one explicit mapping (the process environment by default) so
+tests can pass their own; a bad value becomes `ConfigError`, which the entry point turns
+into exit code 2 and one line naming the variable. Secrets are `SecretStr` and their values
+are never echoed in an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from .partition import ordinal_from_hostname
+
+SECRET_VARS = frozenset({"DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"})
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the variable and never a secret."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    # Database target: exactly one of DATABASE_URL or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY.
+    database_url: SecretStr | None = Field(None, alias="DATABASE_URL")
+    supabase_url: str | None = Field(None, alias="SUPABASE_URL")
+    supabase_service_role_key: SecretStr | None = Field(None, alias="SUPABASE_SERVICE_ROLE_KEY")
+    db_timeout_ms: int = Field(10_000, ge=100, alias="DB_TIMEOUT_MS")
+
+    # Probes and metrics.
+    port: int = Field(3000, ge=1, le=65535, alias="PORT")
+
+    # Pinging.
+    ping_backend: Literal["latency_api"] = Field("latency_api", alias="PING_BACKEND")
+    latency_api_url: str = Field("http://localhost:4402", alias="LATENCY_API_URL")
+    latency_api_route: Literal["latency", "ping"] = Field("latency", alias="LATENCY_API_ROUTE")
+    latency_api_group: str = Field("Sound Check", min_length=1, alias="LATENCY_API_GROUP")
+    ping_timeout_ms: int = Field(10_000, ge=100, alias="PING_TIMEOUT_MS")
+    concurrency: int = Field(50, ge=1, le=100_000, alias="CONCURRENCY")
+
+    # Sync, batching, buffering.
+    poll_interval_ms: int = Field(5_000, ge=100, alias="POLL_INTERVAL_MS")
+    batch_flush_interval_ms: int = Field(2_000, ge=10, alias="BATCH_FLUSH_INTERVAL_MS")
+    batch_size: int = Field(100, ge=1, le=50_000, alias="BATCH_SIZE")
+    max_buffered_samples: int = Field(200_000, ge=1, alias="MAX_BUFFERED_SAMPLES")
+    retry_max_backoff_ms: int = Field(30_000, ge=100, alias="RETRY_MAX_BACKOFF_MS")
+
+    # Partitioning (static mode). REPLICA_ID falls back to the HOSTNAME ordinal, then 0.
+    replica_count: int = Field(1, ge=1, le=1024, alias="REPLICA_COUNT")
+    replica_id: int = Field(0, ge=0, alias="REPLICA_ID")
+
+    # Lifecycle and logs.
+    shutdown_grace_ms: int = Field(25_000, ge=0, alias="SHUTDOWN_GRACE_MS")
+    log_format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        has_pg = self.database_url is not None
+        has_sb = self.supabase_url is not None or self.supabase_service_role_key is not None
+        if has_pg and has_sb:
+            raise ValueError(
+                "DATABASE_URL: set either DATABASE_URL or SUPABASE_URL with "
+                "SUPABASE_SERVICE_ROLE_KEY, not both"
+            )
+        if not has_pg and not has_sb:
+            raise ValueError(
+                "DATABASE_URL: no database target; set DATABASE_URL, or SUPABASE_URL with "
+                "SUPABASE_SERVICE_ROLE_KEY"
+            )
+        if has_pg:
+            scheme = urlsplit(self.database_url.get_secret_value()).scheme  # type: ignore[union-attr]
+            if scheme not in ("postgres", "postgresql"):
+                raise ValueError("DATABASE_URL: must start with postgresql:// or postgres://")
+        if has_sb:
+            if not self.supabase_url:
+                raise ValueError("SUPABASE_URL: required with SUPABASE_SERVICE_ROLE_KEY")
+            if not self.supabase_service_role_key:
+                raise ValueError("SUPABASE_SERVICE_ROLE_KEY: required with SUPABASE_URL")
+            _check_http_url("SUPABASE_URL", self.supabase_url)
+        _check_http_url("LATENCY_API_URL", self.latency_api_url)
+        if self.replica_id >= self.replica_count:
+            raise ValueError(
+                f"REPLICA_ID: {self.replica_id} is not below REPLICA_COUNT={self.replica_count}"
+            )
+        return self
+
+    @property
+    def transport(self) -> Literal["postgres", "supabase"]:
+        return "postgres" if self.database_url is not None else "supabase"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        names = {f.alias for f in cls.model_fields.values() if f.alias}
+        values: dict[str, str] = {k: v for k, v in env.items() if k in names and v != ""}
+        ordinal = ordinal_from_hostname(env.get("HOSTNAME", ""))
+        if "REPLICA_ID" not in values and ordinal is not None:
+            values["REPLICA_ID"] = str(ordinal)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+
+def _check_http_url(name: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name}: must be an http:// or https:// URL")
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not name:  # model-level check: the message starts with the variable's name
+            problems.append(msg)
+        elif name in SECRET_VARS:
+            problems.append(f"{name}: {msg}")
+        else:
+            problems.append(f"{name}: {msg} (got {err.get('input')!r})")
+    return "; ".join(problems)

@@ -1,0 +1,123 @@
+"""Direct Postgres transport (asyncpg).
+
+Safe behind a transaction-mode pooler (Supabase's, pgbouncer): no prepared-statement cache
+(`statement_cache_size=0`), no LISTEN, no session state; every call is one function call,
+atomic by itself, so no explicit transaction (and no extra BEGIN/COMMIT round trips).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from uuid import UUID
+
+import asyncpg
+
+from ..models import Job, RecordResult, Sample
+from . import MIGRATE_HINT, StoreMisconfigured, StoreUnavailable
+
+_RECORD_SQL = (
+    "select poller_record_batch($1::uuid[], $2::int[], $3::text[], $4::float8[], "
+    "$5::float8[], $6::timestamptz[], $7::uuid[])"
+)
+_SYNC_SQL = (
+    "select id, target_ip, cadence_seconds, duration_minutes, started_at, last_ping_at "
+    "from poller_sync_jobs($1::int, $2::int[])"
+)
+
+# SQLSTATE classes that mean "fix the setup", not "try again later".
+_MISCONFIGURED = (
+    asyncpg.UndefinedFunctionError,
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, timeout_s: float, pool_size: int = 4) -> None:
+        self._dsn = dsn
+        self._timeout = timeout_s
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        # min_size=0: creating the pool never connects, so a database that is down at
+        # start-up is an error of the first call (retried), not a crash.
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            statement_cache_size=0,
+            command_timeout=self._timeout,
+            timeout=self._timeout,
+            max_inactive_connection_lifetime=60,
+            server_settings={"application_name": "soundcheck-poller"},
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), self._timeout)
+            except (TimeoutError, OSError):
+                self._pool.terminate()
+            self._pool = None
+
+    async def _call(self, method: str, sql: str, *args: object) -> object:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore.open() was not called")
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                async with self._pool.acquire(timeout=self._timeout) as conn:
+                    return await getattr(conn, method)(sql, *args, timeout=self._timeout)
+        except asyncpg.UndefinedFunctionError as exc:
+            raise StoreMisconfigured(f"{MIGRATE_HINT} ({exc.__class__.__name__})") from None
+        except _MISCONFIGURED as exc:
+            raise StoreMisconfigured(f"database refused the poller: {exc}") from None
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+            asyncpg.QueryCanceledError,
+            asyncpg.DeadlockDetectedError,
+            asyncpg.SerializationError,
+            asyncpg.AdminShutdownError,
+        ) as exc:
+            raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            # Anything else from the server is a bug or a schema mismatch; retrying is still
+            # the safe default (samples stay buffered) but say what the server said.
+            raise StoreUnavailable(
+                f"{exc.__class__.__name__} (SQLSTATE {exc.sqlstate}): {exc}"
+            ) from None
+
+    async def api_version(self) -> int:
+        return int(await self._call("fetchval", "select poller_api_version()"))  # type: ignore[arg-type]
+
+    async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
+        rows = await self._call("fetch", _SYNC_SQL, replica_id, list(replica_counts))
+        return [Job(**dict(r)) for r in rows]  # type: ignore[union-attr]
+
+    async def record_batch(
+        self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
+    ) -> RecordResult:
+        raw = await self._call(
+            "fetchval",
+            _RECORD_SQL,
+            [s.job_id for s in samples],
+            [s.sequence_number for s in samples],
+            [s.status.value for s in samples],
+            [s.rtt_ms for s in samples],
+            [s.jitter_ms for s in samples],
+            [s.recorded_at for s in samples],
+            list(complete_job_ids),
+        )
+        out = json.loads(raw)  # type: ignore[arg-type]
+        return RecordResult(
+            inserted=int(out["inserted"]), completed=tuple(UUID(x) for x in out["completed"])
+        )

@@ -1,0 +1,71 @@
+"""Fixtures: a real PostgreSQL server for the session, a fresh migrated database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from poller.localpg import LocalPostgres
+from poller.migrate import migrate
+
+_TEMPLATE = "soundcheck_template"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[LocalPostgres]:
+    with LocalPostgres() as pg:
+        asyncio.run(_make_template(pg))
+        yield pg
+
+
+async def _make_template(pg: LocalPostgres) -> None:
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        await conn.execute(f"create database {_TEMPLATE}")
+    finally:
+        await conn.close()
+    await migrate(_dsn(pg, _TEMPLATE))
+
+
+def _dsn(pg: LocalPostgres, db: str) -> str:
+    return f"postgresql://postgres@127.0.0.1:{pg.port}/{db}"
+
+
+@pytest.fixture
+async def fresh_db(pg_server: LocalPostgres) -> AsyncIterator[str]:
+    """An empty database (no schema at all)."""
+    name = f"t_{next(_counter)}"
+    admin = await asyncpg.connect(pg_server.dsn)
+    await admin.execute(f"create database {name}")
+    try:
+        yield _dsn(pg_server, name)
+    finally:
+        await admin.execute(f"drop database {name} with (force)")
+        await admin.close()
+
+
+@pytest.fixture
+async def dsn(pg_server: LocalPostgres) -> AsyncIterator[str]:
+    """A database with every migration applied (copied from a migrated template)."""
+    name = f"m_{next(_counter)}"
+    admin = await asyncpg.connect(pg_server.dsn)
+    await admin.execute(f"create database {name} template {_TEMPLATE}")
+    try:
+        yield _dsn(pg_server, name)
+    finally:
+        await admin.execute(f"drop database {name} with (force)")
+        await admin.close()
+
+
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(dsn)
+    try:
+        yield c
+    finally:
+        await c.close()

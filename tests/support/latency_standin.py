@@ -1,0 +1,115 @@
+"""A scripted stand-in for the SpreeDB Latency API, for error cases and benchmarks.
+
+It speaks both routes (`GET /latency/<group>/<ip>/`, `POST /ping`) and answers each IP
+as scripted: the real API (and our ICMP sidecar) cannot be made to return HTTP 500, hang
+or send garbage on demand. Counts requests per IP so tests can assert what was asked.
+
+Run alone (for benchmarks): `python -m tests.support.latency_standin --port 4402`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections import Counter
+
+from aiohttp import web
+
+# behaviour name → what the latency route answers
+SUCCESS = "success"
+TIMEOUT_TEXT = "timeout_text"
+UNREACHABLE = "unreachable"
+NO_REPLY = "no_reply"
+HOST_DOWN = "host_down"
+OTHER_ERROR = "other_error"
+ZERO_ELAPSED = "zero_elapsed"
+HTTP_500 = "http_500"
+HANG = "hang"
+GARBAGE = "garbage"
+
+_ERRORS = {
+    TIMEOUT_TEXT: "Request Timeout for icmp_seq 0",
+    UNREACHABLE: "Destination Host Unreachable",
+    NO_REPLY: "no reply from target",
+    HOST_DOWN: "sendto: Host is down",
+    OTHER_ERROR: "ping: permission denied (are you root?)",
+}
+
+
+class LatencyStandIn:
+    def __init__(self, rtt_ms: float = 1.25, default: str = SUCCESS) -> None:
+        self.rtt_ms = rtt_ms
+        self.default = default
+        self.behaviours: dict[str, str] = {}
+        self.requests: Counter[str] = Counter()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._hang = asyncio.Event()  # never set: a hang lasts until the client gives up
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _answer(self, ip: str) -> tuple[int, str, dict | None]:
+        """(HTTP status, behaviour, latency-route body)."""
+        self.requests[ip] += 1
+        how = self.behaviours.get(ip, self.default)
+        if how == HTTP_500:
+            return 500, how, None
+        if how in _ERRORS:
+            return 200, how, {"elapsed": 0, "error": _ERRORS[how], "expected": True, "ip": ip,
+                              "poller": "standin"}
+        elapsed = 0 if how == ZERO_ELAPSED else self.rtt_ms
+        return 200, how, {"elapsed": elapsed, "error": None, "expected": True, "ip": ip,
+                          "poller": "standin"}
+
+    async def _respond(self, ip: str, body_of: type | None = None) -> web.StreamResponse:
+        status, how, body = self._answer(ip)
+        if how == HANG:
+            await self._hang.wait()
+        if how == GARBAGE:
+            return web.Response(text="<html>not json", content_type="text/html")
+        if body is None:
+            return web.Response(status=status, text="internal error")
+        if body_of is not None:  # POST /ping shape
+            body = {"success": body["error"] is None and body["elapsed"] > 0,
+                    "rtt_ms": body["elapsed"] or None, "error": body["error"]}
+        return web.json_response(body, status=status)
+
+    async def latency(self, request: web.Request) -> web.StreamResponse:
+        return await self._respond(request.match_info["ip"])
+
+    async def ping(self, request: web.Request) -> web.StreamResponse:
+        try:
+            ip = (await request.json())["ip"]
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "body must be {\"ip\": ...}"}, status=400)
+        return await self._respond(str(ip), body_of=dict)
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_get("/latency/{group}/{ip}/", self.latency)
+        app.router.add_post("/ping", self.ping)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port, shutdown_timeout=0.1)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def _main(port: int) -> None:
+    standin = LatencyStandIn()
+    await standin.start(port)
+    print(json.dumps({"url": standin.url}), flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=4402)
+    asyncio.run(_main(parser.parse_args().port))
