@@ -63,5 +63,9 @@ class Metrics:
             registry=r,
         )
 
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """The current value of one exported sample, e.g. `soundcheck_poller_syncs_total`."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

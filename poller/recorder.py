@@ -19,6 +19,7 @@ from uuid import UUID
 
 from .metrics import Metrics
 from .models import Sample
+from .progress import Progress
 from .store import Store, StoreError, StoreMisconfigured
 
 log = logging.getLogger("poller.recorder")
@@ -37,7 +38,9 @@ class Recorder:
         flush_interval_s: float,
         max_buffered: int,
         max_backoff_s: float,
+        progress: Progress | None = None,
     ) -> None:
+        self.progress = progress or Progress()
         self._store = store
         self._metrics = metrics
         self._batch_size = batch_size
@@ -138,6 +141,7 @@ class Recorder:
             self.last_error = str(exc)
             level = logging.ERROR if isinstance(exc, StoreMisconfigured) else logging.WARNING
             log.log(level, "writing %d samples failed, kept for retry: %s", len(batch), exc)
+            self.progress.notify()
             return False
         # add() may have dropped some of this batch from the head while we awaited (buffer
         # full); pop only what is still there.
@@ -153,6 +157,7 @@ class Recorder:
         self._metrics.buffered.set(len(self._buffer))
         self.last_ok = time.monotonic()
         self.last_error = None
+        self.progress.notify()
         return True
 
     async def drain(self, deadline: float) -> bool:

@@ -21,6 +21,7 @@ from .pingers import Pinger
 from .pingers.latency_api import LatencyApiPinger
 from .prober import Prober
 from .probes import make_app
+from .progress import Progress
 from .recorder import Recorder
 from .scheduler import Scheduler
 from .settings import Settings
@@ -59,12 +60,15 @@ class Service:
         self.metrics = Metrics()
         self.store = store or make_store(s)
         self.pinger = pinger or make_pinger(s)
+        # Notified after every sync and every batch write, whether it worked or not.
+        self.progress = Progress()
         self.recorder = Recorder(
             self.store, self.metrics,
             batch_size=s.batch_size,
             flush_interval_s=s.batch_flush_interval_ms / 1000,
             max_buffered=s.max_buffered_samples,
             max_backoff_s=s.retry_max_backoff_ms / 1000,
+            progress=self.progress,
         )
         self.prober = Prober(
             self.pinger, self.recorder, self.metrics,
@@ -91,9 +95,9 @@ class Service:
         )
         await self.store.open()
         await self.pinger.start()
-        self._runner = web.AppRunner(make_app(self), access_log=None)
+        self._runner = web.AppRunner(make_app(self), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "0.0.0.0", s.port, shutdown_timeout=1.0).start()
+        await web.TCPSite(self._runner, "0.0.0.0", s.port).start()
         self._tasks = {
             "sync": asyncio.create_task(self._sync_loop(), name="sync"),
             "scheduler": asyncio.create_task(self.scheduler.run(), name="scheduler"),
@@ -165,6 +169,7 @@ class Service:
                 self._say(logging.WARNING, "unavailable",
                           "sync failed, keeping the %d jobs known: %s",
                           len(self.scheduler.jobs), exc)
+            self.progress.notify()
             await asyncio.sleep(interval)
 
     async def sync_once(self) -> None:

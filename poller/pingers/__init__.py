@@ -26,9 +26,6 @@ class Pinger(Protocol):
 
     async def close(self) -> None: ...
 
-    @property
-    def in_flight(self) -> int: ...
-
 
 def system_error(detail: str) -> PingResult:
     return PingResult(SampleStatus.SYSTEM_ERROR, None, detail)

@@ -2,13 +2,13 @@
 
 Routes: `GET {base}/latency/{group}/{ip}/` → `{elapsed, error, expected, ip, poller}`
 (default, as the original service), or `POST {base}/ping {"ip"}` → `{success, rtt_ms, error}`.
-One aiohttp session; a semaphore bounds requests in flight to CONCURRENCY so the per-request
-timeout covers the request only, never the wait for a free slot.
+One aiohttp session whose connection pool matches CONCURRENCY. The caller (the prober)
+bounds pings in flight to the same number, so the per-request timeout covers the request
+only, never a wait for a free connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import math
@@ -21,7 +21,7 @@ from ..models import SampleStatus
 from . import PingResult, system_error
 
 # Error texts that mean "the target did not answer" rather than "the check itself failed".
-_MISSED_WORDS = ("timeout", "timed out", "unreachable", "no reply", "host down")
+_MISSED_WORDS = ("timeout", "unreachable", "no reply", "host down")
 
 
 def classify_error_text(error: str) -> PingResult:
@@ -92,13 +92,7 @@ class LatencyApiPinger:
         self._group = quote(group, safe="")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._concurrency = concurrency
-        self._slots = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
-        self._in_flight = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
@@ -117,12 +111,7 @@ class LatencyApiPinger:
             return system_error(f"invalid target address {ip!r}")
         if self._session is None:
             raise RuntimeError("LatencyApiPinger.start() was not called")
-        async with self._slots:
-            self._in_flight += 1
-            try:
-                return await self._request(addr)
-            finally:
-                self._in_flight -= 1
+        return await self._request(addr)
 
     async def _request(self, addr: str) -> PingResult:
         assert self._session is not None

@@ -16,6 +16,8 @@ from collections import Counter
 
 from aiohttp import web
 
+from poller.progress import Progress
+
 # behaviour name → what the latency route answers
 SUCCESS = "success"
 TIMEOUT_TEXT = "timeout_text"
@@ -32,7 +34,7 @@ _ERRORS = {
     TIMEOUT_TEXT: "Request Timeout for icmp_seq 0",
     UNREACHABLE: "Destination Host Unreachable",
     NO_REPLY: "no reply from target",
-    HOST_DOWN: "sendto: Host is down",
+    HOST_DOWN: "sendto: host down",
     OTHER_ERROR: "ping: permission denied (are you root?)",
 }
 
@@ -43,6 +45,10 @@ class LatencyStandIn:
         self.default = default
         self.behaviours: dict[str, str] = {}
         self.requests: Counter[str] = Counter()
+        self.progress = Progress()  # notified on every request
+        self.delay_s = 0.0  # answer every request this much later
+        self.active = 0
+        self.max_active = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._hang = asyncio.Event()  # never set: a hang lasts until the client gives up
@@ -54,6 +60,7 @@ class LatencyStandIn:
     def _answer(self, ip: str) -> tuple[int, str, dict | None]:
         """(HTTP status, behaviour, latency-route body)."""
         self.requests[ip] += 1
+        self.progress.notify()
         how = self.behaviours.get(ip, self.default)
         if how == HTTP_500:
             return 500, how, None
@@ -65,6 +72,16 @@ class LatencyStandIn:
                           "poller": "standin"}
 
     async def _respond(self, ip: str, body_of: type | None = None) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return await self._respond_now(ip, body_of)
+        finally:
+            self.active -= 1
+
+    async def _respond_now(self, ip: str, body_of: type | None) -> web.StreamResponse:
         status, how, body = self._answer(ip)
         if how == HANG:
             await self._hang.wait()
@@ -91,9 +108,10 @@ class LatencyStandIn:
         app = web.Application()
         app.router.add_get("/latency/{group}/{ip}/", self.latency)
         app.router.add_post("/ping", self.ping)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port, shutdown_timeout=0.1)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -1,0 +1,167 @@
+"""The Latency API client and the classification table of DESIGN §4, against a scripted
+stand-in served over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+
+from poller.localpg import free_port
+from poller.metrics import Metrics
+from poller.models import Job, SampleStatus
+from poller.pingers.latency_api import (
+    LatencyApiPinger,
+    classify_latency_body,
+    classify_ping_body,
+    valid_ip,
+)
+from poller.prober import Prober
+from poller.recorder import Recorder
+from poller.scheduler import JobState
+from tests.support import latency_standin as sb
+from tests.support.fakes import NullStore
+from tests.support.latency_standin import LatencyStandIn
+
+S, M, E = SampleStatus.SUCCESS, SampleStatus.MISSED, SampleStatus.SYSTEM_ERROR
+
+
+@pytest.mark.parametrize(("body", "status", "rtt"), [
+    ({"elapsed": 12.5, "error": None}, S, 12.5),
+    ({"elapsed": 3, "error": ""}, S, 3.0),
+    ({"elapsed": 0, "error": None}, M, None),
+    ({"elapsed": -1, "error": None}, M, None),
+    ({"error": None}, M, None),
+    ({"elapsed": 0, "error": "Request timeout for icmp_seq 1"}, M, None),
+    ({"elapsed": 0, "error": "Destination Host Unreachable"}, M, None),
+    ({"elapsed": 0, "error": "No reply from 10.0.0.1"}, M, None),
+    ({"elapsed": 0, "error": "sendto: Host down"}, M, None),
+    ({"elapsed": 5, "error": "TIMEOUT after 1s"}, M, None),  # an error wins over elapsed
+    ({"elapsed": 0, "error": "operation timed out"}, E, None),  # not in the table: as the original
+    ({"elapsed": 0, "error": "permission denied"}, E, None),
+    ({"elapsed": "12", "error": None}, E, None),
+    ({"elapsed": True, "error": None}, E, None),
+    ([1, 2], E, None),
+    ("ok", E, None),
+])
+def test_latency_route_table(body: object, status: SampleStatus, rtt: float | None) -> None:
+    result = classify_latency_body(body)
+    assert (result.status, result.rtt_ms) == (status, rtt)
+
+
+@pytest.mark.parametrize(("body", "status", "rtt"), [
+    ({"success": True, "rtt_ms": 4.2, "error": None}, S, 4.2),
+    ({"success": True, "rtt_ms": 0, "error": None}, M, None),
+    ({"success": False, "rtt_ms": None, "error": "timeout"}, M, None),
+    ({"success": False, "rtt_ms": None, "error": "network unreachable"}, M, None),
+    ({"success": False, "rtt_ms": None, "error": "socket: operation not permitted"}, E, None),
+    ({"success": False, "rtt_ms": None, "error": None}, M, None),
+    (None, E, None),
+])
+def test_ping_route_table(body: object, status: SampleStatus, rtt: float | None) -> None:
+    result = classify_ping_body(body)
+    assert (result.status, result.rtt_ms) == (status, rtt)
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("127.0.0.1", "127.0.0.1"), (" 10.1.2.3 ", "10.1.2.3"), ("::1", "::1"),
+    ("2001:DB8::1", "2001:db8::1"), ("", None), (None, None), ("example.com", None),
+    ("10.0.0.0/24", None), ("127.0.0.1/../../admin", None), ("300.1.1.1", None),
+])
+def test_only_valid_addresses_pass(target: str | None, expected: str | None) -> None:
+    assert valid_ip(target) == expected
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[LatencyStandIn]:
+    s = LatencyStandIn(rtt_ms=7.5)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+# One address per behaviour, each answered as scripted by the stand-in.
+CASES = [
+    (sb.SUCCESS, S, 7.5),
+    (sb.TIMEOUT_TEXT, M, None),
+    (sb.UNREACHABLE, M, None),
+    (sb.NO_REPLY, M, None),
+    (sb.HOST_DOWN, M, None),
+    (sb.OTHER_ERROR, E, None),
+    (sb.ZERO_ELAPSED, M, None),
+    (sb.HTTP_500, E, None),
+    (sb.HANG, E, None),
+    (sb.GARBAGE, E, None),
+]
+
+
+@pytest.mark.parametrize("route", ["latency", "ping"])
+async def test_classification_over_http(standin: LatencyStandIn, route: str) -> None:
+    for i, (how, _, _) in enumerate(CASES):
+        standin.behaviours[f"127.0.9.{i + 1}"] = how
+    pinger = LatencyApiPinger(standin.url, route=route, timeout_s=0.3)  # type: ignore[arg-type]
+    await pinger.start()
+    try:
+        results = await asyncio.gather(
+            *(pinger.ping(f"127.0.9.{i + 1}") for i in range(len(CASES))))
+    finally:
+        await pinger.close()
+    for (how, status, rtt), result in zip(CASES, results, strict=True):
+        assert (result.status, result.rtt_ms) == (status, rtt), how
+    assert all(standin.requests[f"127.0.9.{i + 1}"] == 1 for i in range(len(CASES)))
+
+
+async def test_connection_refused_is_system_error() -> None:
+    pinger = LatencyApiPinger(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    await pinger.start()
+    try:
+        result = await pinger.ping("127.0.0.1")
+    finally:
+        await pinger.close()
+    assert result.status is E
+    assert "unreachable" in result.detail
+
+
+async def test_invalid_target_never_reaches_a_url(standin: LatencyStandIn) -> None:
+    pinger = LatencyApiPinger(standin.url)
+    await pinger.start()
+    try:
+        for bad in ("../../etc/passwd", "host.example", "", "1.2.3.4 5"):
+            assert (await pinger.ping(bad)).status is E
+    finally:
+        await pinger.close()
+    assert sum(standin.requests.values()) == 0
+
+
+async def test_group_and_address_are_encoded_in_the_path(standin: LatencyStandIn) -> None:
+    pinger = LatencyApiPinger(standin.url, group="Sound Check")
+    await pinger.start()
+    try:
+        assert (await pinger.ping("::1")).status is S
+    finally:
+        await pinger.close()
+    assert standin.requests["::1"] == 1
+
+
+async def test_prober_bounds_requests_in_flight(standin: LatencyStandIn) -> None:
+    standin.delay_s = 0.05
+    metrics = Metrics()
+    recorder = Recorder(NullStore(), metrics, batch_size=10_000, flush_interval_s=60,
+                        max_buffered=10_000, max_backoff_s=1)
+    pinger = LatencyApiPinger(standin.url, concurrency=4)
+    await pinger.start()
+    prober = Prober(pinger, recorder, metrics, concurrency=4, timeout_s=5)
+    job = Job(uuid4(), "127.0.0.5", 1, 60, datetime.now(UTC))
+    state = JobState(job, "127.0.0.5", 0, 1)
+    for k in range(40):
+        prober.on_slot(state, k, time.time())
+    assert await prober.drain(10) == 0
+    await pinger.close()
+    assert standin.requests["127.0.0.5"] == 40
+    assert standin.max_active == 4
+    assert recorder.buffered == 40
+    assert state.in_flight == 0

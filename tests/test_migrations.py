@@ -1,0 +1,142 @@
+"""`python -m poller migrate`: fresh, on the app's existing schema, twice, and when blocked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from poller.localpg import LocalPostgres
+from poller.migrate import MigrationError, migrate, migrations
+
+APP_SCHEMA = (Path(__file__).parent / "sql" / "app_schema.sql").read_text()
+
+
+def schema_dump(pg: LocalPostgres, dsn: str) -> str:
+    out = subprocess.run([str(pg.bindir / "pg_dump"), "--schema-only", "--no-owner", dsn],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    # \restrict lines carry a random key per dump (pg_dump security fix of 2025).
+    noise = ("-- Dumped", "\\restrict", "\\unrestrict")
+    return "\n".join(line for line in out.splitlines() if not line.startswith(noise))
+
+
+async def test_fresh_database_gets_the_sound_check_shape(fresh_db: str) -> None:
+    report = await migrate(fresh_db)
+    assert report == [(m.name, True) for m in migrations()]
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        enums = {r["typname"] for r in await conn.fetch(
+            "select typname from pg_type where typtype = 'e'")}
+        assert {"job_status", "sample_status", "alert_state", "job_reason"} <= enums
+        tables = {r["tablename"]: r["rowsecurity"] for r in await conn.fetch(
+            "select tablename, rowsecurity from pg_tables where schemaname = 'public'")}
+        assert all(tables[t] for t in ("jobs", "samples", "sample_rollups", "alerts"))
+        assert await conn.fetchval("select poller_api_version()") == 1
+        with pytest.raises(asyncpg.CheckViolationError):  # the app's target check holds
+            await conn.execute(
+                "insert into jobs (account_number, reason, notification_email, requester_id,"
+                " requester_name) values ('A', 'proactive', 'e', gen_random_uuid(), 'n')")
+    finally:
+        await conn.close()
+
+
+async def test_second_run_changes_nothing(pg_server: LocalPostgres, fresh_db: str) -> None:
+    await migrate(fresh_db)
+    before = schema_dump(pg_server, fresh_db)
+    report = await migrate(fresh_db)
+    assert all(not applied for _, applied in report)
+    assert schema_dump(pg_server, fresh_db) == before
+
+
+async def test_existing_app_schema_only_gains(pg_server: LocalPostgres, fresh_db: str) -> None:
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await conn.execute(APP_SCHEMA)
+        jobs_before = await conn.fetch("select * from jobs order by id")
+        samples_before = await conn.fetch("select * from samples order by id")
+        await migrate(fresh_db)
+        assert await conn.fetch("select * from jobs order by id") == jobs_before
+        assert await conn.fetch("select * from samples order by id") == samples_before
+        # The app's own rollups function and table shape were kept, not replaced.
+        assert await conn.fetchval(
+            "select pg_get_function_result('create_job_rollups(uuid, integer)'::regprocedure)"
+        ) == "void"
+        assert await conn.fetchval(
+            "select count(*) from information_schema.columns "
+            "where table_name = 'sample_rollups' and column_name = 'uptime_pct'") == 1
+        # What the poller needs was added.
+        assert await conn.fetchval(
+            "select to_regclass('samples_job_id_sequence_number_key') is not null")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "insert into samples (job_id, sequence_number, status) values "
+                "('11111111-1111-1111-1111-111111111111', 1, 'missed')")
+        # The API is not callable by the browser's roles, only by the service role.
+        for role, allowed in (("anon", False), ("authenticated", False),
+                              ("service_role", True)):
+            got = await conn.fetchval(
+                "select has_function_privilege($1, 'poller_sync_jobs(int, int[])', 'execute')",
+                role)
+            assert got is allowed, role
+        before = schema_dump(pg_server, fresh_db)
+        await migrate(fresh_db)
+        assert schema_dump(pg_server, fresh_db) == before
+    finally:
+        await conn.close()
+
+
+async def test_duplicate_samples_stop_with_instructions(fresh_db: str) -> None:
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await conn.execute(APP_SCHEMA)
+        await conn.execute(
+            "insert into samples (job_id, sequence_number, status) values "
+            "('11111111-1111-1111-1111-111111111111', 1, 'missed')")
+        with pytest.raises(MigrationError) as err:
+            await migrate(fresh_db)
+        text = str(err.value)
+        assert "1 duplicated (job_id, sequence_number) pairs" in text
+        assert "DELETE FROM samples" in text  # says what to do
+        # Nothing of the failed migration was kept; the earlier one was.
+        assert not await conn.fetchval("select to_regproc('poller_api_version') is not null")
+        assert await conn.fetchval("select count(*) from samples") == 3
+        # Following the hint unblocks it.
+        hint = text.split("hint: ", 1)[1]
+        await conn.execute(hint.split("run the migration again: ", 1)[1])
+        await migrate(fresh_db)
+        assert await conn.fetchval("select poller_api_version()") == 1
+    finally:
+        await conn.close()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "poller", "migrate", *args], env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+async def test_cli_applies_then_reports_already_applied(fresh_db: str) -> None:
+    first = _cli(env={"DATABASE_URL": fresh_db})
+    assert first.returncode == 0, first.stderr
+    assert "002_poller_api: applied" in first.stderr
+    second = _cli("--database-url", fresh_db)
+    assert second.returncode == 0
+    assert "002_poller_api: already applied" in second.stderr
+
+
+def test_cli_without_a_database_url_exits_2() -> None:
+    proc = _cli()
+    assert proc.returncode == 2
+    assert "DATABASE_URL" in proc.stderr
+
+
+def test_cli_unreachable_database_hides_the_password() -> None:
+    proc = _cli(env={"DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:1/db"})
+    assert proc.returncode == 1
+    assert "hunter2" not in proc.stderr + proc.stdout
+    assert "cannot reach the database" in proc.stderr

@@ -1,0 +1,119 @@
+"""Partitioning (DESIGN §5): the Python and SQL implementations agree with reference vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import asyncpg
+import pytest
+
+from poller.partition import BUCKETS, bucket, jump_hash, ordinal_from_hostname, owned_buckets
+
+# (key, buckets, expected) from the reference C++ of Lamping & Veach 2014, compiled with gcc:
+# int32_t JumpConsistentHash(uint64_t key, int32_t num_buckets).
+JUMP_VECTORS = [
+    (0, 1, 0), (0, 5, 0), (0, 1000, 0), (1, 2, 0), (1, 10, 6), (1, 65536, 21134),
+    (2, 3, 0), (2, 100, 62), (3, 1, 0), (3, 5, 3), (3, 1000, 961), (7, 2, 0), (7, 10, 0),
+    (7, 65536, 20139), (100, 3, 1), (100, 100, 69), (1023, 1, 0), (1023, 5, 4),
+    (1023, 1000, 497), (123456789, 2, 0), (123456789, 10, 7), (123456789, 65536, 42483),
+    (18446744073709551615, 3, 2), (18446744073709551615, 100, 92),
+    (9223372036854775808, 1, 0), (9223372036854775808, 5, 4), (9223372036854775808, 1000, 453),
+]
+
+# (uuid, bucket) computed independently with coreutils:
+#   printf %s <uuid> | md5sum | cut -c1-8   → hex, then mod 1024.
+BUCKET_VECTORS = [
+    ("00000000-0000-0000-0000-000000000000", 74),  # 9f89c84a
+    ("6f1c2a9e-8d3b-4c5f-9e7a-1b2c3d4e5f60", 650),  # b272928a
+    ("ffffffff-ffff-ffff-ffff-ffffffffffff", 109),  # b537846d
+]
+
+
+def _signed64(key: int) -> int:
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+@pytest.mark.parametrize(("key", "n", "expected"), JUMP_VECTORS)
+def test_jump_hash_python_matches_reference(key: int, n: int, expected: int) -> None:
+    assert jump_hash(key, n) == expected
+
+
+async def test_jump_hash_sql_matches_reference(conn: asyncpg.Connection) -> None:
+    got = await conn.fetch(
+        "select soundcheck_jump_hash(k, n) as b from unnest($1::bigint[], $2::int[]) as u(k, n)",
+        [_signed64(k) for k, _, _ in JUMP_VECTORS], [n for _, n, _ in JUMP_VECTORS])
+    assert [r["b"] for r in got] == [e for _, _, e in JUMP_VECTORS]
+
+
+def test_jump_hash_rejects_zero_buckets() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        jump_hash(1, 0)
+
+
+@pytest.mark.parametrize(("job", "expected"), BUCKET_VECTORS)
+def test_bucket_vectors_python(job: str, expected: int) -> None:
+    assert bucket(job) == expected
+    assert bucket(job.upper()) == expected
+
+
+async def test_bucket_vectors_sql(conn: asyncpg.Connection) -> None:
+    rows = await conn.fetch("select soundcheck_bucket(u::uuid) as b from unnest($1::text[]) u",
+                            [j for j, _ in BUCKET_VECTORS])
+    assert [r["b"] for r in rows] == [e for _, e in BUCKET_VECTORS]
+
+
+def test_bucket_matches_an_independent_md5() -> None:
+    for _ in range(200):
+        job = uuid.uuid4()
+        digest = hashlib.md5(str(job).encode()).hexdigest()
+        assert bucket(job) == int(digest[:8], 16) % BUCKETS
+    # Case does not matter: the SQL side hashes lower(uuid::text).
+    text = "6F1C2A9E-8D3B-4C5F-9E7A-1B2C3D4E5F60"
+    assert bucket(text) == bucket(text.lower())
+
+
+async def test_bucket_sql_matches_python(conn: asyncpg.Connection) -> None:
+    ids = [uuid.uuid4() for _ in range(2000)]
+    rows = await conn.fetch(
+        "select id, soundcheck_bucket(id) as b from unnest($1::uuid[]) as id", ids)
+    assert {r["id"]: r["b"] for r in rows} == {i: bucket(i) for i in ids}
+
+
+@pytest.mark.parametrize("counts", [[1], [2], [3], [7], [3, 4], [10, 9], [1, 2, 3]])
+async def test_owned_buckets_sql_matches_python(conn: asyncpg.Connection,
+                                                counts: list[int]) -> None:
+    for replica in range(max(counts)):
+        sql = await conn.fetchval("select soundcheck_owned_buckets($1, $2)", replica, counts)
+        assert frozenset(sql) == owned_buckets(replica, counts)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+def test_owners_partition_the_buckets_exactly(n: int) -> None:
+    owned = [owned_buckets(r, [n]) for r in range(n)]
+    assert sum(len(o) for o in owned) == BUCKETS  # disjoint …
+    assert frozenset().union(*owned) == frozenset(range(BUCKETS))  # … and complete
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 9])
+def test_growing_moves_about_one_in_n_plus_one(n: int) -> None:
+    moved = sum(jump_hash(b, n) != jump_hash(b, n + 1) for b in range(BUCKETS))
+    expected = BUCKETS / (n + 1)
+    # Binomial(1024, 1/(n+1)) stays within 4 standard deviations of its mean.
+    sd = (BUCKETS * (1 / (n + 1)) * (1 - 1 / (n + 1))) ** 0.5
+    assert abs(moved - expected) <= 4 * sd, (moved, expected)
+    # Only to the new replica, never between old ones.
+    assert all(jump_hash(b, n + 1) in (jump_hash(b, n), n) for b in range(BUCKETS))
+
+
+def test_overlap_owns_both_shares() -> None:
+    both = owned_buckets(1, [3, 4])
+    assert both == owned_buckets(1, [3]) | owned_buckets(1, [4])
+
+
+@pytest.mark.parametrize(("host", "ordinal"), [
+    ("soundcheck-poller-0", 0), ("poller-12", 12), ("poller", None), ("", None),
+    ("poller-3a", None),
+])
+def test_ordinal_from_hostname(host: str, ordinal: int | None) -> None:
+    assert ordinal_from_hostname(host) == ordinal

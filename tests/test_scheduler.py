@@ -1,0 +1,107 @@
+"""Scheduler: slot alignment, resume rules, no slot twice, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+from poller.models import Job
+from poller.scheduler import JobState, Scheduler, first_slot
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def job(cadence: int = 10, minutes: int = 5, started: datetime = T0,
+        last_ping: datetime | None = None, ip: str | None = "127.0.0.1") -> Job:
+    return Job(uuid4(), ip, cadence, minutes, started, last_ping)
+
+
+def at(seconds: float) -> float:
+    return T0.timestamp() + seconds
+
+
+def test_slot_arithmetic() -> None:
+    j = job(cadence=7, minutes=1)
+    assert j.slot_count == 9  # 0, 7, …, 56 start before 60
+    assert j.slot_due(3) == at(21)
+    assert job(cadence=10, minutes=1).slot_count == 6  # 50 is the last; 60 is the end
+
+
+def test_first_slot_of_a_job_not_started_yet_is_zero() -> None:
+    assert first_slot(job(), at(-30)) == 0
+
+
+def test_resume_at_the_next_future_slot() -> None:
+    pinged = job(last_ping=T0 + timedelta(seconds=40))
+    assert first_slot(pinged, at(41)) == 5
+    assert first_slot(pinged, at(50)) == 5  # due exactly now counts as future
+    assert first_slot(pinged, at(50.001)) == 6
+
+
+def test_a_never_pinged_job_gets_slot_zero_late() -> None:
+    assert first_slot(job(), at(3)) == 0
+    assert first_slot(job(), at(13)) == 2  # but never more than one cadence back …
+    assert first_slot(job(last_ping=T0), at(3)) == 1  # … and never when already pinged
+
+
+def _sched(clock_s: float) -> tuple[Scheduler, list[tuple[JobState, int, float]],
+                                    list[JobState]]:
+    slots: list[tuple[JobState, int, float]] = []
+    expired: list[JobState] = []
+    s = Scheduler(lambda st, k, due: slots.append((st, k, due)), expired.append,
+                  clock=lambda: at(clock_s))
+    return s, slots, expired
+
+
+def test_update_adds_keeps_and_drops() -> None:
+    s, _, _ = _sched(25)
+    a, b = job(last_ping=T0), job(last_ping=T0)
+    s.update([a, b])
+    assert s.jobs[a.id].next_slot == 3
+    s.jobs[a.id].next_slot = 4  # as if slot 3 went out
+    s.update([a])  # b cancelled or moved away
+    assert set(s.jobs) == {a.id} and s.jobs[a.id].next_slot == 4
+
+
+def test_a_job_that_leaves_and_returns_never_repeats_a_slot() -> None:
+    s, _, _ = _sched(25)
+    a = job(last_ping=T0)
+    s.update([a])
+    s.jobs[a.id].next_slot = 6  # slots up to 5 already dispatched
+    s.update([])
+    s.update([a])
+    assert s.jobs[a.id].next_slot == 6
+
+
+def test_jobs_with_invalid_cadence_or_duration_are_ignored() -> None:
+    s, _, _ = _sched(0)
+    s.update([job(cadence=0), job(minutes=0)])
+    assert s.jobs == {}
+
+
+def test_an_invalid_target_is_kept_with_no_address() -> None:
+    s, _, _ = _sched(0)
+    bad = job(ip="not-an-ip")
+    s.update([bad])
+    assert s.jobs[bad.id].ip is None  # its slots become system_error samples
+
+
+async def test_run_dispatches_each_slot_once_on_time() -> None:
+    slots: list[tuple[int, float, float]] = []
+    expired: list[JobState] = []
+    ended = asyncio.Event()
+    start = datetime.fromtimestamp(time.time() - 58.6, UTC)  # 1-minute job, ~1.4 s left
+    j = Job(uuid4(), "127.0.0.1", 1, 1, start, start)
+    s = Scheduler(lambda st, k, due: slots.append((k, due, time.time())),
+                  lambda st: (expired.append(st), ended.set()))
+    s.update([j])
+    task = asyncio.create_task(s.run())
+    async with asyncio.timeout(5):
+        await ended.wait()
+    s.stop()
+    await task
+    assert [k for k, _, _ in slots] == [59]  # slot 59 (due at 59 s) is the only one left
+    assert all(0 <= fired - due < 0.5 for _, due, fired in slots)  # on time, not a slot late
+    assert expired[0].job.id == j.id

@@ -1,0 +1,183 @@
+"""The service in-process against the real Postgres: sync semantics, completion, probes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import asyncpg
+import pytest
+
+from poller.localpg import free_port
+from poller.progress import Progress
+from poller.service import Service
+from poller.settings import Settings
+from tests.support.db import add_jobs
+from tests.support.latency_standin import LatencyStandIn
+
+FAST = {"POLL_INTERVAL_MS": "200", "BATCH_FLUSH_INTERVAL_MS": "100",
+        "RETRY_MAX_BACKOFF_MS": "300", "DB_TIMEOUT_MS": "1000", "SHUTDOWN_GRACE_MS": "5000"}
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[LatencyStandIn]:
+    s = LatencyStandIn(rtt_ms=3.0)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def settings(dsn: str, standin: LatencyStandIn, **extra: str) -> Settings:
+    return Settings.from_env({**FAST, "DATABASE_URL": dsn, "LATENCY_API_URL": standin.url,
+                              "PORT": str(free_port()), **extra})
+
+
+async def until(progress: Progress, cond: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        await progress.wait_for(cond)
+
+
+def count(svc: Service, name: str) -> float:
+    return svc.metrics.value(f"soundcheck_poller_{name}_total")
+
+
+async def get(svc: Service, path: str) -> tuple[int, object]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        url = f"http://127.0.0.1:{svc.settings.port}{path}"
+        async with session.get(url) as resp:
+            return resp.status, await (resp.text() if path == "/metrics" else resp.json())
+
+
+async def test_a_cancelled_job_gets_no_ping_after_the_sync_that_saw_it(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    keep, cancel = await add_jobs(conn, ["127.0.0.1", "127.0.0.2"], cadence_seconds=1)
+    svc = Service(settings(dsn, standin))
+    await svc.start()
+    try:
+        await until(standin.progress, lambda: standin.requests["127.0.0.2"] >= 2)
+        await conn.execute("update jobs set status = 'cancelled' where id = $1", cancel)
+        syncs = count(svc, "syncs")
+        await until(svc.progress, lambda: count(svc, "syncs") >= syncs + 2)  # one started after
+        seen_at = time.time()
+        pings_then = standin.requests["127.0.0.2"]
+        keep_then = standin.requests["127.0.0.1"]
+        await until(standin.progress, lambda: standin.requests["127.0.0.1"] >= keep_then + 2)
+        assert standin.requests["127.0.0.2"] == pings_then
+        assert cancel not in svc.scheduler.jobs and keep in svc.scheduler.jobs
+    finally:
+        assert await svc.stop()
+    late = await conn.fetchval(
+        "select count(*) from samples where job_id = $1 and recorded_at > to_timestamp($2)",
+        cancel, seen_at)
+    assert late == 0
+
+
+async def test_two_replicas_racing_complete_a_job_once_with_rollups(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    started = datetime.now(UTC) - timedelta(seconds=57.5)  # a 1-minute job, 2.5 s left
+    (job,) = await add_jobs(conn, ["127.0.0.3"], cadence_seconds=1, duration_minutes=1,
+                            started_at=started)
+    # Both own every job (each thinks it is the only replica): the worst race there is.
+    a, b = Service(settings(dsn, standin)), Service(settings(dsn, standin))
+    await a.start()
+    await b.start()
+    try:
+        await until(a.progress, lambda: a.first_sync_done and not a.scheduler.jobs)
+        await until(b.progress, lambda: b.first_sync_done and not b.scheduler.jobs)
+    finally:
+        assert await a.stop() and await b.stop()
+    row = await conn.fetchrow("select status, completed_at from jobs where id = $1", job)
+    assert row["status"] == "completed" and row["completed_at"] >= started + timedelta(minutes=1)
+    assert count(a, "jobs_completed") + count(b, "jobs_completed") == 1
+    seqs = [r[0] for r in await conn.fetch(
+        "select sequence_number from samples where job_id = $1 order by 1", job)]
+    assert seqs == [58, 59]  # both replicas pinged them; one row each
+    rollup = await conn.fetchrow(
+        "select sum(sample_count) n, sum(success_count) ok from sample_rollups "
+        "where job_id = $1", job)
+    assert (rollup["n"], rollup["ok"]) == (2, 2)  # built after the last sample was in
+
+
+async def test_an_expired_job_found_at_start_is_completed(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    (job,) = await add_jobs(conn, ["127.0.0.4"], duration_minutes=2, started_at=started)
+    svc = Service(settings(dsn, standin))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "jobs_completed") == 1)
+    finally:
+        await svc.stop()
+    assert await conn.fetchval("select status from jobs where id = $1", job) == "completed"
+    assert standin.requests["127.0.0.4"] == 0  # its slots are past: none invented
+
+
+async def test_invalid_and_missing_targets_are_recorded_as_system_error(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    bad, missing = await add_jobs(conn, ["999.1.1.1", None], cadence_seconds=1)
+    svc = Service(settings(dsn, standin))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "samples_written") >= 4)
+    finally:
+        await svc.stop()
+    rows = await conn.fetch("select distinct job_id, status from samples")
+    assert {(r["job_id"], r["status"]) for r in rows} == {
+        (bad, "system_error"), (missing, "system_error")}
+    assert sum(standin.requests.values()) == 0
+
+
+async def test_probes_and_metrics(conn: asyncpg.Connection, dsn: str,
+                                  standin: LatencyStandIn) -> None:
+    await add_jobs(conn, ["127.0.0.5", "127.0.0.6"], cadence_seconds=1)
+    svc = Service(settings(dsn, standin, REPLICA_COUNT="1"))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "samples_written") >= 2)
+        status, health = await get(svc, "/health")
+        assert status == 200
+        assert health["status"] == "ok" and health["replica"] == "0/1"  # type: ignore[index]
+        assert health["owned_jobs"] == 2  # type: ignore[index]
+        assert {"pings_in_flight", "buffered_samples", "last_good_sync_age_s"} <= set(health)  # type: ignore[arg-type]
+        assert (await get(svc, "/ready"))[0] == 200
+        status, text = await get(svc, "/metrics")
+        for name in ("soundcheck_poller_pings_total{status=\"success\"}",
+                     "soundcheck_poller_rtt_seconds_bucket", "soundcheck_poller_lateness_seconds",
+                     "soundcheck_poller_buffered_samples", "soundcheck_poller_flush_errors_total",
+                     "soundcheck_poller_owned_jobs 2.0"):
+            assert name in text, name  # type: ignore[operator]
+    finally:
+        await svc.stop()
+
+
+async def test_not_ready_while_the_database_is_unreachable(standin: LatencyStandIn) -> None:
+    dsn = f"postgresql://poller:hunter2@127.0.0.1:{free_port()}/soundcheck"
+    svc = Service(settings(dsn, standin))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "sync_errors") >= 1)
+        status, body = await get(svc, "/ready")
+        assert status == 503 and "no successful job sync yet" in body["reasons"]  # type: ignore[index]
+        assert "hunter2" not in str(body)
+        status, health = await get(svc, "/health")
+        assert status == 200 and "hunter2" not in str(health)
+    finally:
+        await svc.stop()
+
+
+async def test_missing_sql_api_says_how_to_fix(fresh_db: str, standin: LatencyStandIn,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    svc = Service(settings(fresh_db, standin))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "sync_errors") >= 3)
+        status, body = await get(svc, "/ready")
+        assert status == 503
+        assert "python -m poller migrate" in str(body)
+    finally:
+        await svc.stop()
+    said = [r for r in caplog.records if "python -m poller migrate" in r.getMessage()]
+    assert len(said) == 1  # once a minute, not once per sync
