@@ -116,10 +116,17 @@ class Recorder:
             backoff = 0.0 if ok else min(max(backoff * 2, _FIRST_BACKOFF_S), self._max_backoff)
 
     async def _flush(self, *, partial: bool) -> bool:
-        """Write full batches (and the remainder if `partial`); False on the first failure."""
-        while self._buffer or self._completions:
-            if len(self._buffer) < self._batch_size and not partial:
-                break
+        """Write full batches, and with `partial` everything accepted before this call.
+
+        Samples arriving during the writes wait for the next round unless they fill a
+        batch: otherwise a steady trickle would turn into a chain of tiny writes.
+        """
+        goal = self._head + len(self._buffer) if partial else self._head
+        while (
+            len(self._buffer) >= self._batch_size
+            or self._head < goal
+            or (partial and any(pos <= goal for pos in self._completions.values()))
+        ):
             sent = await self._write_one()
             if sent is None:
                 break

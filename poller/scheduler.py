@@ -28,6 +28,7 @@ from .pingers.latency_api import valid_ip
 
 _MAX_IDLE_S = 1.0  # wake at least this often, so /health sees the loop turning
 _YIELD_EVERY = 500  # dispatches between yields to the event loop in a burst
+_UPDATE_CHUNK = 2000  # jobs per step of a sync's update
 
 
 @dataclass(slots=True)
@@ -85,14 +86,21 @@ class Scheduler:
     def jobs(self) -> dict[UUID, JobState]:
         return self._jobs
 
-    def update(self, jobs: Iterable[Job]) -> None:
-        """Replace the owned set with the result of a sync."""
+    async def update(self, jobs: Iterable[Job]) -> None:
+        """Replace the owned set with the result of a sync.
+
+        Yields to the event loop every few thousand jobs, so a large sync never holds up
+        pings that fall due meanwhile (the heap stays valid between chunks).
+        """
         now = self._clock()
         incoming = {j.id: j for j in jobs if j.cadence_seconds > 0 and j.duration_minutes > 0}
         for job_id in self._jobs.keys() - incoming.keys():
             state = self._jobs.pop(job_id)
             self._departed[job_id] = (state.job, state.next_slot - 1)
-        for job_id, job in incoming.items():
+        for i, (job_id, job) in enumerate(incoming.items()):
+            if i and i % _UPDATE_CHUNK == 0:
+                await asyncio.sleep(0)
+                now = self._clock()
             state = self._jobs.get(job_id)
             if state is not None and _same_slots(state.job, job):
                 if state.job.target_ip != job.target_ip:

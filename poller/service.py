@@ -38,7 +38,8 @@ def make_store(settings: Settings) -> Store:
         from .store.postgres import PostgresStore
 
         assert settings.database_url is not None
-        return PostgresStore(settings.database_url.get_secret_value(), timeout)
+        return PostgresStore(settings.database_url.get_secret_value(), timeout,
+                             prepared_statements=settings.database_prepared_statements)
     raise NotImplementedError("the Supabase transport is not available in this build")
 
 
@@ -175,7 +176,7 @@ class Service:
     async def sync_once(self) -> None:
         s = self.settings
         jobs = await self.store.sync_jobs(s.replica_id, self.replica_counts)
-        self.scheduler.update(jobs)
+        await self.scheduler.update(jobs)
         if not self.first_sync_done or self.sync_error:
             log.info("synced: %d jobs owned", len(self.scheduler.jobs))
         self.first_sync_done = True

@@ -33,6 +33,9 @@ class Settings(BaseModel):
     supabase_url: str | None = Field(None, alias="SUPABASE_URL")
     supabase_service_role_key: SecretStr | None = Field(None, alias="SUPABASE_SERVICE_ROLE_KEY")
     db_timeout_ms: int = Field(10_000, ge=100, alias="DB_TIMEOUT_MS")
+    # Named prepared statements save a round trip per call but break transaction-mode
+    # poolers that do not track them: off by default, on for direct connections.
+    database_prepared_statements: bool = Field(False, alias="DATABASE_PREPARED_STATEMENTS")
 
     # Probes and metrics.
     port: int = Field(3000, ge=1, le=65535, alias="PORT")

@@ -106,7 +106,9 @@ async def test_drops_while_a_write_is_out_do_not_pop_newer_samples() -> None:
     for k in range(4, 9):  # 9 accepted, bound 6: 0, 1, 2 dropped meanwhile
         rec.add(sample(job, k))
     release.set()
-    assert await write
+    assert await write  # 0..3, then the full batch 4..7; 8 waits for the next round
+    assert rec.buffered == 1
+    assert await rec._flush(partial=True)
     assert sorted(k for _, k in store.rows) == list(range(9))
     assert rec.buffered == 0
 

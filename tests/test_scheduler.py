@@ -55,36 +55,36 @@ def _sched(clock_s: float) -> tuple[Scheduler, list[tuple[JobState, int, float]]
     return s, slots, expired
 
 
-def test_update_adds_keeps_and_drops() -> None:
+async def test_update_adds_keeps_and_drops() -> None:
     s, _, _ = _sched(25)
     a, b = job(last_ping=T0), job(last_ping=T0)
-    s.update([a, b])
+    await s.update([a, b])
     assert s.jobs[a.id].next_slot == 3
     s.jobs[a.id].next_slot = 4  # as if slot 3 went out
-    s.update([a])  # b cancelled or moved away
+    await s.update([a])  # b cancelled or moved away
     assert set(s.jobs) == {a.id} and s.jobs[a.id].next_slot == 4
 
 
-def test_a_job_that_leaves_and_returns_never_repeats_a_slot() -> None:
+async def test_a_job_that_leaves_and_returns_never_repeats_a_slot() -> None:
     s, _, _ = _sched(25)
     a = job(last_ping=T0)
-    s.update([a])
+    await s.update([a])
     s.jobs[a.id].next_slot = 6  # slots up to 5 already dispatched
-    s.update([])
-    s.update([a])
+    await s.update([])
+    await s.update([a])
     assert s.jobs[a.id].next_slot == 6
 
 
-def test_jobs_with_invalid_cadence_or_duration_are_ignored() -> None:
+async def test_jobs_with_invalid_cadence_or_duration_are_ignored() -> None:
     s, _, _ = _sched(0)
-    s.update([job(cadence=0), job(minutes=0)])
+    await s.update([job(cadence=0), job(minutes=0)])
     assert s.jobs == {}
 
 
-def test_an_invalid_target_is_kept_with_no_address() -> None:
+async def test_an_invalid_target_is_kept_with_no_address() -> None:
     s, _, _ = _sched(0)
     bad = job(ip="not-an-ip")
-    s.update([bad])
+    await s.update([bad])
     assert s.jobs[bad.id].ip is None  # its slots become system_error samples
 
 
@@ -96,7 +96,7 @@ async def test_run_dispatches_each_slot_once_on_time() -> None:
     j = Job(uuid4(), "127.0.0.1", 1, 1, start, start)
     s = Scheduler(lambda st, k, due: slots.append((k, due, time.time())),
                   lambda st: (expired.append(st), ended.set()))
-    s.update([j])
+    await s.update([j])
     task = asyncio.create_task(s.run())
     async with asyncio.timeout(5):
         await ended.wait()
