@@ -40,7 +40,11 @@ def make_store(settings: Settings) -> Store:
         assert settings.database_url is not None
         return PostgresStore(settings.database_url.get_secret_value(), timeout,
                              prepared_statements=settings.database_prepared_statements)
-    raise NotImplementedError("the Supabase transport is not available in this build")
+    from .store.supabase import SupabaseStore
+
+    assert settings.supabase_url is not None and settings.supabase_service_role_key is not None
+    return SupabaseStore(settings.supabase_url,
+                         settings.supabase_service_role_key.get_secret_value(), timeout)
 
 
 def make_pinger(settings: Settings) -> Pinger:

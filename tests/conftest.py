@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
 
 from poller.localpg import LocalPostgres
 from poller.migrate import migrate
+from tests.support.postgrest_standin import PostgrestStandIn
 
 _TEMPLATE = "soundcheck_template"
+SERVICE_ROLE_KEY = "test-service-role-key-0123456789abcdef"
 _counter = itertools.count()
 
 
@@ -69,3 +71,27 @@ async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         yield c
     finally:
         await c.close()
+
+
+DbEnv = Callable[[str], Awaitable[dict[str, str]]]
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+async def db_env(request: pytest.FixtureRequest) -> AsyncIterator[DbEnv]:
+    """Both transports, same test: maps a database URL to the poller's environment for it.
+
+    `supabase` puts the RPC stand-in for PostgREST in front of that database.
+    """
+    standins: list[PostgrestStandIn] = []
+
+    async def env_for(dsn: str) -> dict[str, str]:
+        if request.param == "postgres":
+            return {"DATABASE_URL": dsn}
+        standin = PostgrestStandIn(dsn, SERVICE_ROLE_KEY)
+        await standin.start()
+        standins.append(standin)
+        return {"SUPABASE_URL": standin.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY}
+
+    yield env_for
+    for standin in standins:
+        await standin.stop()

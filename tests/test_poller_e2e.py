@@ -15,9 +15,11 @@ import pytest
 
 from poller.localpg import LocalPostgres
 from poller.migrate import migrate
+from tests.conftest import SERVICE_ROLE_KEY, DbEnv
 from tests.support.checks import assert_every_slot_once, load
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
+from tests.support.postgrest_standin import PostgrestStandIn
 from tests.support.processes import PollerProcess
 
 pytestmark = pytest.mark.slow
@@ -55,12 +57,12 @@ async def stop_all(procs: list[PollerProcess]) -> list[int]:
 
 
 async def test_three_replicas_share_the_jobs_every_slot_once(
-        dsn: str, standin: LatencyStandIn) -> None:
+        dsn: str, db_env: DbEnv, standin: LatencyStandIn) -> None:
     conn = await asyncpg.connect(dsn)
     ips = targets(50)
     ids = await add_jobs(conn, ips, cadence_seconds=[1 + i % 2 for i in range(50)])
     await add_jobs(conn, targets(5, net=2), mode="simulated")  # never pinged by us
-    env = {**FAST, "DATABASE_URL": dsn, "LATENCY_API_URL": standin.url, "REPLICA_COUNT": "3"}
+    env = {**FAST, **await db_env(dsn), "LATENCY_API_URL": standin.url, "REPLICA_COUNT": "3"}
     procs = [PollerProcess({**env, "HOSTNAME": f"soundcheck-poller-{i}"}) for i in range(3)]
     try:
         for p in procs:
@@ -83,12 +85,12 @@ async def test_three_replicas_share_the_jobs_every_slot_once(
     await conn.close()
 
 
-async def test_database_outage_loses_no_sample(own_pg: LocalPostgres,
+async def test_database_outage_loses_no_sample(own_pg: LocalPostgres, db_env: DbEnv,
                                                standin: LatencyStandIn) -> None:
     conn = await asyncpg.connect(own_pg.dsn)
     ids = await add_jobs(conn, targets(20), cadence_seconds=1)
     await conn.close()
-    poller = PollerProcess({**FAST, "DATABASE_URL": own_pg.dsn, "LATENCY_API_URL": standin.url})
+    poller = PollerProcess({**FAST, **await db_env(own_pg.dsn), "LATENCY_API_URL": standin.url})
     try:
         await poller.start()
         await poller.synced()
@@ -114,13 +116,13 @@ async def test_database_outage_loses_no_sample(own_pg: LocalPostgres,
     assert "sync failed, keeping the 20 jobs known" in poller.log
 
 
-async def test_sigterm_writes_every_buffered_sample(own_pg: LocalPostgres,
+async def test_sigterm_writes_every_buffered_sample(own_pg: LocalPostgres, db_env: DbEnv,
                                                     standin: LatencyStandIn) -> None:
     conn = await asyncpg.connect(own_pg.dsn)
     ids = await add_jobs(conn, targets(50), cadence_seconds=1)
     await conn.close()
     standin.delay_s = 0.3  # pings are in flight when SIGTERM arrives
-    poller = PollerProcess({**FAST, "DATABASE_URL": own_pg.dsn, "LATENCY_API_URL": standin.url,
+    poller = PollerProcess({**FAST, **await db_env(own_pg.dsn), "LATENCY_API_URL": standin.url,
                             "BATCH_SIZE": "20", "SHUTDOWN_GRACE_MS": "20000"})
     try:
         await poller.start()
@@ -145,3 +147,49 @@ async def test_sigterm_writes_every_buffered_sample(own_pg: LocalPostgres,
     assert sum(standin.requests.values()) == sum(len(j.seqs) for j in jobs)
     for job in jobs:
         assert standin.requests[job.target_ip] == len(job.seqs) == len(set(job.seqs))
+
+
+async def test_rejected_supabase_key_is_not_ready_and_said_once(
+        dsn: str, standin: LatencyStandIn) -> None:
+    rest = PostgrestStandIn(dsn, SERVICE_ROLE_KEY)
+    await rest.start()
+    wrong = "wrong-key-" + "z" * 30
+    poller = PollerProcess({**FAST, "SUPABASE_URL": rest.url, "SUPABASE_SERVICE_ROLE_KEY": wrong,
+                            "LATENCY_API_URL": standin.url})
+    try:
+        await poller.start()
+        await poller.logged("Supabase refused the service-role key")
+        async with asyncio.timeout(30):  # several more refused syncs, no crash loop
+            await rest.progress.wait_for(lambda: len(rest.calls) >= 4)
+        status, body = await poller.get("/ready")
+        assert status == 503 and "SUPABASE_SERVICE_ROLE_KEY" in str(body)
+        assert (await poller.get("/health"))[0] == 200
+        assert poller.proc is not None and poller.proc.returncode is None
+        poller.terminate()
+        assert await poller.wait() == 0
+    finally:
+        await poller.kill()
+        await rest.stop()
+    said = [line for line in poller.lines if "refused the service-role key" in line]
+    assert len(said) == 1  # at most once a minute
+    assert wrong not in poller.log and wrong not in str(body)
+
+
+async def test_missing_sql_api_through_supabase_says_to_migrate(
+        fresh_db: str, standin: LatencyStandIn) -> None:
+    rest = PostgrestStandIn(fresh_db, SERVICE_ROLE_KEY)
+    await rest.start()
+    poller = PollerProcess({**FAST, "SUPABASE_URL": rest.url,
+                            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY,
+                            "LATENCY_API_URL": standin.url})
+    try:
+        await poller.start()
+        await poller.logged("python -m poller migrate")
+        status, body = await poller.get("/ready")
+        assert status == 503 and "PGRST202" in str(body)
+        poller.terminate()
+        assert await poller.wait() == 0
+    finally:
+        await poller.kill()
+        await rest.stop()
+    assert SERVICE_ROLE_KEY not in poller.log

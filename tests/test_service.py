@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -15,8 +16,10 @@ from poller.localpg import free_port
 from poller.progress import Progress
 from poller.service import Service
 from poller.settings import Settings
+from tests.conftest import SERVICE_ROLE_KEY
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
+from tests.support.postgrest_standin import PostgrestStandIn
 
 FAST = {"POLL_INTERVAL_MS": "200", "BATCH_FLUSH_INTERVAL_MS": "100",
         "RETRY_MAX_BACKOFF_MS": "300", "DB_TIMEOUT_MS": "1000", "SHUTDOWN_GRACE_MS": "5000"}
@@ -181,3 +184,27 @@ async def test_missing_sql_api_says_how_to_fix(fresh_db: str, standin: LatencySt
         await svc.stop()
     said = [r for r in caplog.records if "python -m poller migrate" in r.getMessage()]
     assert len(said) == 1  # once a minute, not once per sync
+
+
+async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    await add_jobs(conn, [f"127.0.3.{i}" for i in range(1, 21)], cadence_seconds=1)
+    rest = PostgrestStandIn(dsn, SERVICE_ROLE_KEY)
+    await rest.start()
+    svc = Service(Settings.from_env({
+        **FAST, "SUPABASE_URL": rest.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY,
+        "LATENCY_API_URL": standin.url, "PORT": str(free_port()), "BATCH_SIZE": "1000"}))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "samples_written") >= 60)
+    finally:
+        assert await svc.stop()
+        await rest.stop()
+    calls = Counter(rest.calls)
+    assert set(calls) == {"poller_api_version", "poller_sync_jobs", "poller_record_batch"}
+    assert calls["poller_api_version"] == 1
+    assert calls["poller_sync_jobs"] == count(svc, "syncs")
+    assert calls["poller_record_batch"] == count(svc, "flushes")
+    written = await conn.fetchval("select count(*) from samples")
+    assert written == count(svc, "samples_written") and written >= 60
+    assert calls["poller_record_batch"] * 5 <= written  # batches, not one request per ping

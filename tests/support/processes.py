@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from poller.localpg import free_port
+from poller.progress import Progress
 
 
 class PollerProcess:
@@ -21,7 +22,7 @@ class PollerProcess:
         self.env = {**base, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
-        self._synced = asyncio.Event()
+        self.progress = Progress()  # notified on every log line
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -35,13 +36,16 @@ class PollerProcess:
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
-            if " synced: " in line:
-                self._synced.set()
+            self.progress.notify()
+
+    async def logged(self, text: str, timeout: float = 30) -> None:
+        """Wait for a log line containing `text`."""
+        async with asyncio.timeout(timeout):
+            await self.progress.wait_for(lambda: any(text in line for line in self.lines))
 
     async def synced(self, timeout: float = 30) -> None:
         """Wait for the log line of the first good sync."""
-        async with asyncio.timeout(timeout):
-            await self._synced.wait()
+        await self.logged(" synced: ", timeout)
 
     def terminate(self) -> None:
         assert self.proc is not None

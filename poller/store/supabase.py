@@ -1,0 +1,145 @@
+"""Supabase transport: the same SQL API called as PostgREST RPCs through supabase-py.
+
+One async client per process; every call is one `POST /rest/v1/rpc/<fn>`. Deliberate
+client settings (README, "Supabase"):
+- timeout DB_TIMEOUT_MS on connect, read, write and pool wait (the library's default is
+  120 s, which would hold a batch far longer than a retry would);
+- no library retries (`postgrest_client_retry=False`): the recorder and the sync loop
+  already retry with capped backoff and keep samples buffered, and a retry inside the
+  client would stall the loop that is waiting on it.
+
+HTTP status decides what a failure means: 401/403 (key rejected) and 404 (SQL API missing)
+need someone to act; 5xx, timeouts and connection errors are retried. The status is taken
+from the HTTP response itself (an httpx response hook), because PostgREST's error body
+does not carry it. Error texts built here include the PostgREST code and message, never a
+request header, so the key cannot leak through them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+
+from ..models import Job, RecordResult, Sample
+from . import MIGRATE_HINT, StoreMisconfigured, StoreUnavailable
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+    def describe(self) -> str:
+        try:
+            err = json.loads(self.body)
+            parts = [str(err.get(k)) for k in ("code", "message") if err.get(k)]
+            text = ": ".join(parts) or "no details"
+        except (ValueError, AttributeError):
+            text = "no details"
+        return f"HTTP {self.status} ({text})"
+
+
+async def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code >= 300:
+        await response.aread()
+        raise _HttpError(response.status_code, response.content)
+
+
+class SupabaseStore:
+    def __init__(self, url: str, key: str, timeout_s: float, max_connections: int = 4) -> None:
+        self._url = url
+        self._key = key
+        self._timeout = timeout_s
+        self._max_connections = max_connections
+        self._http: httpx.AsyncClient | None = None
+        self._client: AsyncClient | None = None
+
+    async def open(self) -> None:
+        # Our own httpx client, so the timeout, pool and response hook are ours.
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(max_connections=self._max_connections),
+            event_hooks={"response": [_raise_for_status]},
+            follow_redirects=False,
+        )
+        options = AsyncClientOptions(
+            postgrest_client_retry=False,
+            auto_refresh_token=False,
+            persist_session=False,
+            httpx_client=self._http,
+            # An explicit Authorization header: the client then never asks the auth
+            # service for a session at start (the service role needs none).
+            headers={"Authorization": f"Bearer {self._key}"},
+        )
+        self._client = await acreate_client(self._url, self._key, options)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        self._client = None
+
+    async def _rpc(self, fn: str, args: dict[str, Any]) -> Any:
+        if self._client is None:
+            raise RuntimeError("SupabaseStore.open() was not called")
+        try:
+            response = await self._client.rpc(fn, args).execute()
+        except _HttpError as exc:
+            if exc.status in (401, 403):
+                raise StoreMisconfigured(
+                    f"Supabase refused the service-role key: {exc.describe()}; "
+                    "check SUPABASE_SERVICE_ROLE_KEY"
+                ) from None
+            if exc.status == 404:
+                raise StoreMisconfigured(f"{MIGRATE_HINT} ({exc.describe()})") from None
+            raise StoreUnavailable(f"Supabase answered {exc.describe()}") from None
+        except httpx.TimeoutException as exc:
+            raise StoreUnavailable(f"Supabase did not answer in time ({type(exc).__name__})"
+                                   ) from None
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"Supabase unreachable ({type(exc).__name__})") from None
+        return response.data
+
+    async def api_version(self) -> int:
+        return int(await self._rpc("poller_api_version", {}))
+
+    async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
+        rows = await self._rpc("poller_sync_jobs", {
+            "p_replica_id": replica_id, "p_replica_counts": list(replica_counts)})
+        return [_job(row) for row in rows]
+
+    async def record_batch(
+        self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
+    ) -> RecordResult:
+        # Column arrays like the direct transport; floats and None only (the client's JSON
+        # encoder takes no Decimal or NaN).
+        out = await self._rpc("poller_record_batch", {
+            "p_job_ids": [str(s.job_id) for s in samples],
+            "p_sequence_numbers": [s.sequence_number for s in samples],
+            "p_statuses": [s.status.value for s in samples],
+            "p_rtt_ms": [s.rtt_ms for s in samples],
+            "p_jitter_ms": [s.jitter_ms for s in samples],
+            "p_recorded_at": [s.recorded_at.isoformat() for s in samples],
+            "p_complete_job_ids": [str(j) for j in complete_job_ids],
+        })
+        return RecordResult(inserted=int(out["inserted"]),
+                            completed=tuple(UUID(x) for x in out["completed"]))
+
+
+def _job(row: dict[str, Any]) -> Job:
+    return Job(
+        id=UUID(row["id"]),
+        target_ip=row["target_ip"],
+        cadence_seconds=int(row["cadence_seconds"]),
+        duration_minutes=int(row["duration_minutes"]),
+        started_at=datetime.fromisoformat(row["started_at"]),
+        last_ping_at=(datetime.fromisoformat(row["last_ping_at"])
+                      if row["last_ping_at"] else None),
+    )
