@@ -14,6 +14,7 @@ import pytest
 from poller.localpg import free_port
 from poller.metrics import Metrics
 from poller.models import Job, SampleStatus
+from poller.pingers import ping
 from poller.pingers.latency_api import (
     LatencyApiPinger,
     classify_latency_body,
@@ -107,7 +108,7 @@ async def test_classification_over_http(standin: LatencyStandIn, route: str) -> 
     await pinger.start()
     try:
         results = await asyncio.gather(
-            *(pinger.ping(f"127.0.9.{i + 1}") for i in range(len(CASES))))
+            *(ping(pinger, f"127.0.9.{i + 1}") for i in range(len(CASES))))
     finally:
         await pinger.close()
     for (how, status, rtt), result in zip(CASES, results, strict=True):
@@ -119,7 +120,7 @@ async def test_connection_refused_is_system_error() -> None:
     pinger = LatencyApiPinger(f"http://127.0.0.1:{free_port()}", timeout_s=2)
     await pinger.start()
     try:
-        result = await pinger.ping("127.0.0.1")
+        result = await ping(pinger, "127.0.0.1")
     finally:
         await pinger.close()
     assert result.status is E
@@ -131,7 +132,7 @@ async def test_invalid_target_never_reaches_a_url(standin: LatencyStandIn) -> No
     await pinger.start()
     try:
         for bad in ("../../etc/passwd", "host.example", "", "1.2.3.4 5"):
-            assert (await pinger.ping(bad)).status is E
+            assert (await ping(pinger, bad)).status is E
     finally:
         await pinger.close()
     assert sum(standin.requests.values()) == 0
@@ -141,7 +142,7 @@ async def test_group_and_address_are_encoded_in_the_path(standin: LatencyStandIn
     pinger = LatencyApiPinger(standin.url, group="Sound Check")
     await pinger.start()
     try:
-        assert (await pinger.ping("::1")).status is S
+        assert (await ping(pinger, "::1")).status is S
     finally:
         await pinger.close()
     assert standin.requests["::1"] == 1
@@ -159,7 +160,8 @@ async def test_prober_bounds_requests_in_flight(standin: LatencyStandIn) -> None
     state = JobState(job, "127.0.0.5", 0, 1)
     for k in range(40):
         prober.on_slot(state, k, time.time())
-    assert await prober.drain(10) == 0
+    async with asyncio.timeout(10):
+        await prober.idle()
     await pinger.close()
     assert standin.requests["127.0.0.5"] == 40
     assert standin.max_active == 4

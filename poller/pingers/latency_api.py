@@ -9,6 +9,7 @@ only, never a wait for a free connection.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
@@ -18,7 +19,7 @@ from urllib.parse import quote
 import aiohttp
 
 from ..models import SampleStatus
-from . import PingResult, system_error
+from . import Done, PingResult, system_error
 
 # Error texts that mean "the target did not answer" rather than "the check itself failed".
 _MISSED_WORDS = ("timeout", "unreachable", "no reply", "host down")
@@ -93,6 +94,7 @@ class LatencyApiPinger:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
@@ -101,17 +103,27 @@ class LatencyApiPinger:
         )
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def ping(self, ip: str) -> PingResult:
-        addr = valid_ip(ip)
-        if addr is None:
-            return system_error(f"invalid target address {ip!r}")
+    def submit(self, ip: str, done: Done) -> None:
         if self._session is None:
             raise RuntimeError("LatencyApiPinger.start() was not called")
-        return await self._request(addr)
+        task = asyncio.create_task(self._run(ip, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, ip: str, done: Done) -> None:
+        addr = valid_ip(ip)
+        if addr is None:
+            done(system_error(f"invalid target address {ip!r}"))
+        else:
+            done(await self._request(addr))
 
     async def _request(self, addr: str) -> PingResult:
         assert self._session is not None
