@@ -1,4 +1,4 @@
-"""`python -m poller [run|migrate]`."""
+"""`python -m poller [run|migrate|demo]`."""
 
 from __future__ import annotations
 
@@ -22,12 +22,17 @@ def _run() -> int:
         return EXIT_CONFIG
     secrets = [os.environ[v] for v in SECRET_VARS if os.environ.get(v)]
     logs.configure(settings.log_format, settings.log_level, secrets)
+    from .pingers.icmp import IcmpUnavailable
     from .service import Service
 
     async def main() -> int:
         return await Service(settings).run()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except IcmpUnavailable as exc:
+        print(f"poller: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _migrate(database_url: str | None) -> int:
@@ -58,9 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the poller (default); configured by environment variables")
     mig = sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
     mig.add_argument("--database-url", help="Postgres URL; default: $DATABASE_URL")
+    demo = sub.add_parser("demo", help="run everything locally on a throwaway database")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--unreachable", default="100::1",
+                      help="the demo's unreachable target (default: 100::1, in the IPv6 "
+                           "discard-only prefix of RFC 6666, which nothing answers)")
     args = parser.parse_args(argv)
     if args.command == "migrate":
         return _migrate(args.database_url)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        logs.configure("text", "WARNING")
+        return run_demo(args.duration, args.unreachable)
     return _run()
 
 

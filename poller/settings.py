@@ -41,7 +41,8 @@ class Settings(BaseModel):
     port: int = Field(3000, ge=1, le=65535, alias="PORT")
 
     # Pinging.
-    ping_backend: Literal["latency_api"] = Field("latency_api", alias="PING_BACKEND")
+    ping_backend: Literal["latency_api", "icmp"] = Field("latency_api", alias="PING_BACKEND")
+    icmp_socket: Literal["auto", "dgram", "raw"] = Field("auto", alias="ICMP_SOCKET")
     latency_api_url: str = Field("http://localhost:4402", alias="LATENCY_API_URL")
     latency_api_route: Literal["latency", "ping"] = Field("latency", alias="LATENCY_API_ROUTE")
     latency_api_group: str = Field("Sound Check", min_length=1, alias="LATENCY_API_GROUP")

