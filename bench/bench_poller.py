@@ -98,10 +98,13 @@ class Result:
 
     @property
     def held(self) -> bool:
-        return self.recorded == self.due and self.p99_ms < 50
+        return self.held_within(50)
+
+    def held_within(self, p99_ms: float) -> bool:
+        return self.recorded == self.due and self.p99_ms < p99_ms
 
 
-async def seed(dsn: str, n: int) -> None:
+async def seed(dsn: str, n: int, cadence: int = CADENCE) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("truncate samples, sample_rollups, jobs cascade")
@@ -116,29 +119,37 @@ async def seed(dsn: str, n: int) -> None:
                       $2::int, 60, 'real_polling',
                       now() - make_interval(secs => $2::int * (i::float8 / $1::int)),
                       now() - interval '1 second'
-               from generate_series(1, $1) as i""", n, CADENCE)
+               from generate_series(1, $1) as i""", n, cadence)
     finally:
         await conn.close()
 
 
 async def run_one(pg: LocalPostgres, standin_url: str, standin_pid: int, n: int,
                   batch_size: int, window: float, prepared: bool) -> Result:
-    await seed(pg.dsn, n)
+    env = {"LATENCY_API_URL": standin_url, "BATCH_SIZE": str(batch_size), "CONCURRENCY": "200",
+           "DATABASE_PREPARED_STATEMENTS": "true" if prepared else "false"}
+    return await measure(pg, n, CADENCE, env, window, standin_pid)
+
+
+async def measure(pg: LocalPostgres, n: int, cadence: int, extra_env: dict[str, str],
+                  window: float, standin_pid: int | None = None) -> Result:
+    """One poller process over n jobs at `cadence`; figures for a `window` of seconds."""
+    await seed(pg.dsn, n, cadence)
     proxy = RoundTripProxy(pg.port)
     await proxy.start()
     dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
-    env = {**os.environ, "DATABASE_URL": dsn, "LATENCY_API_URL": standin_url,
-           "PORT": str(free_port()), "BATCH_SIZE": str(batch_size), "CONCURRENCY": "200",
-           "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-           "DATABASE_PREPARED_STATEMENTS": "true" if prepared else "false"}
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(free_port()),
+           "LOG_LEVEL": "WARNING", **extra_env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "poller", env=env)
     try:
         # Warm-up: one sync interval and a cadence, so start-up catch-up is not measured.
-        await asyncio.sleep(CADENCE + 6)
-        t0, cpu0, scpu0, rt0 = time.time(), cpu_seconds(proc.pid), cpu_seconds(standin_pid), \
-            proxy.round_trips
+        await asyncio.sleep(cadence + 6)
+        other = cpu_seconds(standin_pid) if standin_pid else 0.0
+        t0, cpu0, scpu0, rt0 = time.time(), cpu_seconds(proc.pid), other, proxy.round_trips
         await asyncio.sleep(window)
-        t1, cpu1, scpu1 = time.time(), cpu_seconds(proc.pid), cpu_seconds(standin_pid)
+        other = cpu_seconds(standin_pid) if standin_pid else 0.0
+        t1, cpu1, scpu1 = time.time(), cpu_seconds(proc.pid), other
         # Let the window's samples reach the database before counting round trips.
         await asyncio.sleep(4)
         rt1 = proxy.round_trips
@@ -167,7 +178,7 @@ async def run_one(pg: LocalPostgres, standin_url: str, standin_pid: int, n: int,
     pings = len(lateness)
     q = statistics.quantiles(lateness, n=100) if pings > 1 else [0.0] * 99
     return Result(
-        jobs=n, batch_size=batch_size, due=due, recorded=pings,
+        jobs=n, batch_size=int(extra_env.get("BATCH_SIZE", "100")), due=due, recorded=pings,
         p50_ms=q[49], p99_ms=q[98], max_ms=lateness[-1] if lateness else 0.0,
         cpu_per_1k=(cpu1 - cpu0) / max(pings, 1) * 1000,
         standin_cpu_per_1k=(scpu1 - scpu0) / max(pings, 1) * 1000,

@@ -5,10 +5,44 @@ Each `Metrics` has its own registry, so tests can run several services in one pr
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class FastHistogram(Collector):
+    """A histogram observed once per ping: a bisect and two additions, rendered as a
+    normal Prometheus histogram at scrape time. prometheus_client's Histogram takes a
+    lock and walks its buckets in Python on every observation, which measured as a
+    tenth of the whole pipeline's CPU per ping. Single-threaded use only (the event loop).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._doc = documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, total = [], 0
+        for bound, count in zip([*map(str, self._bounds), "+Inf"], self._counts, strict=True):
+            total += count
+            cumulative.append((bound, total))
+        yield HistogramMetricFamily(self._name, self._doc, buckets=cumulative,
+                                    sum_value=self._sum)
 
 
 class Metrics:
@@ -19,15 +53,12 @@ class Metrics:
             "soundcheck_poller_pings", "Pings made, by resulting sample status", ["status"],
             registry=r,
         )
-        self.rtt = Histogram(
+        self.rtt = FastHistogram(
             "soundcheck_poller_rtt_seconds", "Round-trip time of successful pings",
-            buckets=_RTT_BUCKETS, registry=r,
-        )
-        self.lateness = Histogram(
+            _RTT_BUCKETS, r)
+        self.lateness = FastHistogram(
             "soundcheck_poller_lateness_seconds",
-            "How long after its slot's due time a ping started",
-            buckets=_LATENESS_BUCKETS, registry=r,
-        )
+            "How long after its slot's due time a ping started", _LATENESS_BUCKETS, r)
         self.buffered = Gauge(
             "soundcheck_poller_buffered_samples", "Samples waiting to be written", registry=r
         )

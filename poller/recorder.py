@@ -53,6 +53,7 @@ class Recorder:
         # job id → position after which its completion may be sent.
         self._completions: dict[UUID, int] = {}
         self._full = asyncio.Event()
+        metrics.buffered.set_function(lambda: len(self._buffer))
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
         self.last_ok: float | None = None  # monotonic time of the last successful write
@@ -73,7 +74,6 @@ class Recorder:
             self._buffer.popleft()
             self._head += 1
             self._note_drop()
-        self._metrics.buffered.set(len(self._buffer))
         if len(self._buffer) >= self._batch_size:
             self._full.set()
 
@@ -161,7 +161,6 @@ class Recorder:
         self._metrics.flushes.inc()
         self._metrics.written.inc(result.inserted)
         self._metrics.completed.inc(len(result.completed))
-        self._metrics.buffered.set(len(self._buffer))
         self.last_ok = time.monotonic()
         self.last_error = None
         self.progress.notify()

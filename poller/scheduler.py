@@ -20,7 +20,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from uuid import UUID
 
 from .models import Job
@@ -52,13 +52,9 @@ def first_slot(job: Job, now: float) -> int:
     return k
 
 
-@dataclass(order=True, slots=True)
-class _Entry:
-    due: float
-    order: int
-    job_id: UUID = field(compare=False)
-    generation: int = field(compare=False)
-    slot: int = field(compare=False)  # -1: the job's end
+# Heap entry: (due, order, job id, generation, slot); slot -1 is the job's end. A plain
+# tuple, compared in C: `order` is unique, so comparison never reaches the job id.
+_Entry = tuple[float, int, UUID, int, int]
 
 
 class Scheduler:
@@ -78,7 +74,7 @@ class Scheduler:
         self._heap: list[_Entry] = []
         self._order = 0
         self._generation = 0
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._stopping = False
         self.heartbeat = time.monotonic()
 
@@ -114,7 +110,7 @@ class Scheduler:
         for job_id, (job, _) in list(self._departed.items()):
             if job.ends_at.timestamp() < now:
                 del self._departed[job_id]
-        self._wake.set()
+        self._wake()
 
     def _add(self, job: Job, now: float, state: JobState | None) -> None:
         k = first_slot(job, now)
@@ -136,7 +132,7 @@ class Scheduler:
 
     def _push(self, due: float, state: JobState, slot: int) -> None:
         self._order += 1
-        heapq.heappush(self._heap, _Entry(due, self._order, state.job.id, state.generation, slot))
+        heapq.heappush(self._heap, (due, self._order, state.job.id, state.generation, slot))
 
     def _push_next(self, state: JobState) -> None:
         if state.next_slot < state.job.slot_count:
@@ -146,26 +142,26 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self._wake()
 
     async def run(self) -> None:
         dispatched = 0
         while not self._stopping:
             self.heartbeat = time.monotonic()
             now = self._clock()
-            while self._heap and self._heap[0].due <= now and not self._stopping:
-                entry = heapq.heappop(self._heap)
-                state = self._jobs.get(entry.job_id)
-                if state is None or state.generation != entry.generation:
+            while self._heap and self._heap[0][0] <= now and not self._stopping:
+                due, _, job_id, generation, slot = heapq.heappop(self._heap)
+                state = self._jobs.get(job_id)
+                if state is None or state.generation != generation:
                     continue  # the job left or was replaced
-                if entry.slot < 0:
+                if slot < 0:
                     state.expired = True
                     self._on_expired(state)
                     continue
-                if entry.slot != state.next_slot:
+                if slot != state.next_slot:
                     continue
                 state.next_slot += 1
-                self._on_slot(state, entry.slot, entry.due)
+                self._on_slot(state, slot, due)
                 self._push_next(state)
                 dispatched += 1
                 if dispatched % _YIELD_EVERY == 0:
@@ -173,14 +169,30 @@ class Scheduler:
                     now = self._clock()
             delay = _MAX_IDLE_S
             if self._heap:
-                delay = min(delay, max(0.0, self._heap[0].due - self._clock()))
-            self._wake.clear()
-            if delay > 0:
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                delay = min(delay, max(0.0, self._heap[0][0] - self._clock()))
+            await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep up to `delay`, or until update()/stop() wakes us: one timer and one future,
+        cheaper than asyncio.timeout around an Event at a thousand wake-ups a second."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(delay, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _same_slots(a: Job, b: Job) -> bool:

@@ -26,7 +26,10 @@ _GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
 
 
 def _set_group_range(value: str) -> None:
-    subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.ping_group_range={value}"], check=True)
+    done = subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.ping_group_range={value}"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot set net.ipv4.ping_group_range here: {done.stderr.strip()}")
 
 
 def _group_range() -> tuple[int, int]:
