@@ -11,10 +11,12 @@ import pytest
 
 from poller.localpg import LocalPostgres
 from poller.migrate import migrate
+from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn
 
 _TEMPLATE = "soundcheck_template"
 SERVICE_ROLE_KEY = "test-service-role-key-0123456789abcdef"
+STANDIN_RTT_MS = 2.5
 _counter = itertools.count()
 
 
@@ -95,3 +97,12 @@ async def db_env(request: pytest.FixtureRequest) -> AsyncIterator[DbEnv]:
     yield env_for
     for standin in standins:
         await standin.stop()
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[LatencyStandIn]:
+    """The scripted Latency API stand-in on loopback, answering every IP at once."""
+    s = LatencyStandIn(rtt_ms=STANDIN_RTT_MS)
+    await s.start()
+    yield s
+    await s.stop()

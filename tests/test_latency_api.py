@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from uuid import uuid4
 
@@ -24,6 +23,7 @@ from poller.pingers.latency_api import (
 from poller.prober import Prober
 from poller.recorder import Recorder
 from poller.scheduler import JobState
+from tests.conftest import STANDIN_RTT_MS
 from tests.support import latency_standin as sb
 from tests.support.fakes import NullStore
 from tests.support.latency_standin import LatencyStandIn
@@ -77,17 +77,9 @@ def test_only_valid_addresses_pass(target: str | None, expected: str | None) -> 
     assert valid_ip(target) == expected
 
 
-@pytest.fixture
-async def standin() -> AsyncIterator[LatencyStandIn]:
-    s = LatencyStandIn(rtt_ms=7.5)
-    await s.start()
-    yield s
-    await s.stop()
-
-
 # One address per behaviour, each answered as scripted by the stand-in.
 CASES = [
-    (sb.SUCCESS, S, 7.5),
+    (sb.SUCCESS, S, STANDIN_RTT_MS),
     (sb.TIMEOUT_TEXT, M, None),
     (sb.UNREACHABLE, M, None),
     (sb.NO_REPLY, M, None),

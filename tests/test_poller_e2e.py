@@ -29,14 +29,6 @@ FAST = {"POLL_INTERVAL_MS": "500", "BATCH_FLUSH_INTERVAL_MS": "200",
 
 
 @pytest.fixture
-async def standin() -> AsyncIterator[LatencyStandIn]:
-    s = LatencyStandIn(rtt_ms=2.0)
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
 async def own_pg() -> AsyncIterator[LocalPostgres]:
     """A server of the test's own, which it may stop and start."""
     pg = LocalPostgres()

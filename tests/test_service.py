@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -23,14 +23,6 @@ from tests.support.postgrest_standin import PostgrestStandIn
 
 FAST = {"POLL_INTERVAL_MS": "200", "BATCH_FLUSH_INTERVAL_MS": "100",
         "RETRY_MAX_BACKOFF_MS": "300", "DB_TIMEOUT_MS": "1000", "SHUTDOWN_GRACE_MS": "5000"}
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[LatencyStandIn]:
-    s = LatencyStandIn(rtt_ms=3.0)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def settings(dsn: str, standin: LatencyStandIn, **extra: str) -> Settings:
