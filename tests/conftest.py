@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
@@ -13,6 +14,9 @@ from poller.localpg import LocalPostgres
 from poller.migrate import migrate
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn
+
+# The operator's timer tick, read when pollerfleet is imported: fast for tests.
+os.environ.setdefault("POLLERFLEET_TICK_SECONDS", "0.2")
 
 _TEMPLATE = "soundcheck_template"
 SERVICE_ROLE_KEY = "test-service-role-key-0123456789abcdef"

@@ -35,7 +35,7 @@ async def test_fresh_database_gets_the_sound_check_shape(fresh_db: str) -> None:
         tables = {r["tablename"]: r["rowsecurity"] for r in await conn.fetch(
             "select tablename, rowsecurity from pg_tables where schemaname = 'public'")}
         assert all(tables[t] for t in ("jobs", "samples", "sample_rollups", "alerts"))
-        assert await conn.fetchval("select poller_api_version()") == 1
+        assert await conn.fetchval("select poller_api_version()") == 2
         with pytest.raises(asyncpg.CheckViolationError):  # the app's target check holds
             await conn.execute(
                 "insert into jobs (account_number, reason, notification_email, requester_id,"
@@ -108,7 +108,7 @@ async def test_duplicate_samples_stop_with_instructions(fresh_db: str) -> None:
         hint = text.split("hint: ", 1)[1]
         await conn.execute(hint.split("run the migration again: ", 1)[1])
         await migrate(fresh_db)
-        assert await conn.fetchval("select poller_api_version()") == 1
+        assert await conn.fetchval("select poller_api_version()") == 2
     finally:
         await conn.close()
 

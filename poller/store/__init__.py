@@ -8,12 +8,14 @@ Errors are sorted into two kinds so callers can act on them without knowing the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
 from ..models import Job, RecordResult, Sample
 
-API_VERSION = 1  # the poller_api_version() this code needs
+API_VERSION = 1  # the oldest poller_api_version() the poller works with
+FLEET_API_VERSION = 2  # the oldest the operator works with (adds poller_fleet_load)
 
 
 class StoreError(Exception):
@@ -41,12 +43,25 @@ class Store(Protocol):
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult: ...
 
+    async def fleet_load(self) -> FleetLoad: ...
 
-def check_api_version(found: int) -> None:
-    if found != API_VERSION:
+
+@dataclass(frozen=True)
+class FleetLoad:
+    running_jobs: int
+    pings_per_second: float
+
+    @classmethod
+    def from_json(cls, out: dict[str, object]) -> FleetLoad:
+        return cls(int(out["running_jobs"]), float(out["pings_per_second"]))  # type: ignore[arg-type]
+
+
+def check_api_version(found: int, needed: int = API_VERSION) -> None:
+    """The SQL API only ever grows: any version at least `needed` will do."""
+    if found < needed:
         raise StoreMisconfigured(
-            f"the database has SQL API version {found}, this poller needs {API_VERSION}: "
-            "run `python -m poller migrate` with this release"
+            f"the database has SQL API version {found}, this release needs {needed} or "
+            "later: run `python -m poller migrate` with this release"
         )
 
 

@@ -18,7 +18,7 @@ from uuid import UUID
 import asyncpg
 
 from ..models import Job, RecordResult, Sample
-from . import MIGRATE_HINT, StoreMisconfigured, StoreUnavailable
+from . import MIGRATE_HINT, FleetLoad, StoreMisconfigured, StoreUnavailable
 
 _RECORD_SQL = (
     "select poller_record_batch($1::uuid[], $2::int[], $3::text[], $4::float8[], "
@@ -113,6 +113,10 @@ class PostgresStore:
     async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
         rows = await self._call("fetch", _SYNC_SQL, replica_id, list(replica_counts))
         return [Job(*r) for r in rows]  # type: ignore[union-attr]
+
+    async def fleet_load(self) -> FleetLoad:
+        raw = await self._call("fetchval", "select poller_fleet_load()")
+        return FleetLoad.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]

@@ -27,7 +27,7 @@ import httpx
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from ..models import Job, RecordResult, Sample
-from . import MIGRATE_HINT, StoreMisconfigured, StoreUnavailable
+from . import MIGRATE_HINT, FleetLoad, StoreMisconfigured, StoreUnavailable
 
 
 class _HttpError(Exception):
@@ -114,6 +114,9 @@ class SupabaseStore:
         rows = await self._rpc("poller_sync_jobs", {
             "p_replica_id": replica_id, "p_replica_counts": list(replica_counts)})
         return [_job(row) for row in rows]
+
+    async def fleet_load(self) -> FleetLoad:
+        return FleetLoad.from_json(await self._rpc("poller_fleet_load", {}))
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]

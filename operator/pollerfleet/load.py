@@ -1,0 +1,44 @@
+"""The fleet's load, read through the same SQL API and transports as the pollers.
+
+The operator's database credentials come from its own environment, with the pollers'
+variable names (DATABASE_URL, or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY, DB_TIMEOUT_MS).
+One store per operator process, opened on first use in the operator's event loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+from poller.service import make_store
+from poller.settings import ConfigError, Settings
+from poller.store import FLEET_API_VERSION, FleetLoad, Store, StoreMisconfigured, check_api_version
+
+_VARS = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DB_TIMEOUT_MS",
+         "DATABASE_PREPARED_STATEMENTS")
+
+_store: Store | None = None
+
+
+async def fleet_load() -> FleetLoad:
+    global _store
+    if _store is None:
+        try:
+            settings = Settings.from_env({k: os.environ[k] for k in _VARS if k in os.environ})
+        except ConfigError as exc:
+            raise StoreMisconfigured(f"operator database settings: {exc}") from None
+        store = make_store(settings)
+        await store.open()
+        try:
+            check_api_version(await store.api_version(), FLEET_API_VERSION)
+        except BaseException:
+            await store.close()
+            raise
+        _store = store
+    return await _store.fleet_load()
+
+
+async def close() -> None:
+    global _store
+    if _store is not None:
+        store, _store = _store, None
+        await store.close()

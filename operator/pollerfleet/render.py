@@ -1,0 +1,152 @@
+"""The objects a PollerFleet owns, rendered as plain dicts from plain data (no API calls).
+
+StatefulSet (Parallel pod management, so a resize starts or stops pods all at once),
+headless Service, PodDisruptionBudget (maxUnavailable 1). Pods run non-root with a
+read-only root filesystem and no capabilities; ICMP works through ping sockets, allowed
+by the namespaced "safe" sysctl `net.ipv4.ping_group_range`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .spec import FleetSpec
+
+PORT = 3000
+SIDECAR_PORT = 4402
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "soundcheck-poller",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "pollerfleet-operator",
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    return {k: v for k, v in labels(name).items() if k != "app.kubernetes.io/managed-by"}
+
+
+def _secret_env(var: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def poller_env(spec: FleetSpec, replicas: int) -> list[dict[str, Any]]:
+    db = spec.database
+    env: list[dict[str, Any]] = [
+        # The pod's ordinal, which the StatefulSet controller puts in this label.
+        {"name": "REPLICA_ID",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
+        {"name": "REPLICA_COUNT", "value": str(max(1, replicas))},
+        {"name": "PORT", "value": str(PORT)},
+        # Finish writing before the kubelet's SIGKILL.
+        {"name": "SHUTDOWN_GRACE_MS", "value": str(max(1, spec.termination_grace_s - 5) * 1000)},
+    ]
+    if db.database_url_key:
+        env.append(_secret_env("DATABASE_URL", db.secret_name, db.database_url_key))
+    else:
+        env.append(_secret_env("SUPABASE_URL", db.secret_name, db.supabase_url_key or ""))
+        env.append(_secret_env("SUPABASE_SERVICE_ROLE_KEY", db.secret_name,
+                               db.service_role_key_key or ""))
+    url = f"http://127.0.0.1:{SIDECAR_PORT}" if spec.latency_sidecar else spec.latency_api_url
+    if url:
+        env.append({"name": "LATENCY_API_URL", "value": url})
+    env.extend({"name": k, "value": v} for k, v in sorted(spec.poller_env.items())
+               if k != "SHUTDOWN_GRACE_MS")
+    return env
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period,
+            "timeoutSeconds": 3, "failureThreshold": failures}
+
+
+def pod_template(name: str, spec: FleetSpec, replicas: int) -> dict[str, Any]:
+    poller = {
+        "name": "poller",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "args": ["python", "-m", "poller"],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "env": poller_env(spec, replicas),
+        "livenessProbe": _probe("/health", "http", 10, 3),
+        "readinessProbe": _probe("/ready", "http", 5, 2),
+        "securityContext": _security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "resources": spec.resources,
+    }
+    containers = [poller]
+    if spec.latency_sidecar:
+        containers.append({
+            "name": "latency-sidecar",
+            "image": spec.image,
+            "imagePullPolicy": spec.image_pull_policy,
+            "args": ["python", "-m", "poller.sidecar", "--port", str(SIDECAR_PORT)],
+            "ports": [{"name": "latency", "containerPort": SIDECAR_PORT}],
+            "env": [{"name": "ICMP_SOCKET", "value": "dgram"}],
+            "livenessProbe": _probe("/health", "latency", 10, 3),
+            "securityContext": _security(),
+            "resources": spec.sidecar_resources,
+        })
+    return {
+        "metadata": {"labels": selector(name)},
+        "spec": {
+            "terminationGracePeriodSeconds": spec.termination_grace_s,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "seccompProfile": {"type": "RuntimeDefault"},
+                "sysctls": [{"name": "net.ipv4.ping_group_range", "value": "0 2147483647"}],
+            },
+            "containers": containers,
+            "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}],
+        },
+    }
+
+
+def statefulset(name: str, namespace: str, spec: FleetSpec, replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector(name)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": pod_template(name, spec, replicas),
+        },
+    }
+
+
+def service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def pdb(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
+    }

@@ -1,0 +1,39 @@
+-- SQL API version 2: adds what the fleet operator reads. Additive; version 1 callers
+-- (pollers) keep working.
+
+-- The load the operator sizes the fleet from: running real_polling jobs, and how many
+-- pings per second they ask for.
+create or replace function poller_fleet_load()
+returns jsonb
+language sql stable
+as $$
+    select jsonb_build_object(
+        'running_jobs', count(*),
+        'pings_per_second', coalesce(round(sum(1.0 / nullif(cadence_seconds, 0)), 3), 0))
+    from jobs
+    where status = 'running' and monitoring_mode = 'real_polling'
+$$;
+
+create or replace function poller_api_version()
+returns int
+language sql immutable
+as $$ select 2 $$;
+
+do $$
+declare
+    v_role text;
+begin
+    execute 'revoke all on function poller_fleet_load() from public';
+    foreach v_role in array array['anon', 'authenticated'] loop
+        if exists (select 1 from pg_roles where rolname = v_role) then
+            execute format('revoke all on function poller_fleet_load() from %I', v_role);
+        end if;
+    end loop;
+    if exists (select 1 from pg_roles where rolname = 'service_role') then
+        execute 'grant execute on function poller_fleet_load() to service_role';
+    end if;
+end
+$$;
+
+insert into soundcheck_migrations (version, name)
+values (3, '003_fleet_api') on conflict (version) do nothing;
