@@ -1,0 +1,111 @@
+"""Offline checks of everything that goes to a cluster: manifests, the CRD, the objects the
+operator renders, the example fleet against the CRD's own schema, and the Dockerfiles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from pollerfleet import render
+from pollerfleet.spec import parse
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_VERSION = "1.32"  # oldest we support: the pod-index label needs 1.28+
+MANIFESTS = sorted((ROOT / "manifests").glob("*.yaml"))
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def validate(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name != "kustomization.yaml"
+                                  and p.name != "pollerfleet.yaml"], ids=lambda p: p.name)
+def test_manifest_is_valid_kubernetes(path: Path) -> None:
+    for obj in docs(path):
+        validate(obj)
+
+
+def test_kustomization_lists_existing_files() -> None:
+    (kust,) = docs(ROOT / "manifests" / "kustomization.yaml")
+    for name in kust["resources"]:
+        assert (ROOT / "manifests" / name).exists(), name
+
+
+def test_crd_is_valid() -> None:
+    (crd,) = docs(ROOT / "crds" / "pollerfleet.yaml")
+    validate(crd)
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Running", "Desired", "Ready", "Age"} <= columns
+
+
+def crd_schema() -> dict[str, Any]:
+    (crd,) = docs(ROOT / "crds" / "pollerfleet.yaml")
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
+
+
+def test_example_fleet_matches_the_crd_schema_and_the_operator() -> None:
+    (fleet,) = docs(ROOT / "manifests" / "pollerfleet.yaml")
+    jsonschema.validate(fleet, crd_schema())
+    parse(fleet["spec"])  # and the operator accepts it
+
+
+@pytest.mark.parametrize("bad", [
+    {"jobsPerReplica": 0}, {"minReplicas": -1}, {"image": ""}, {"latencyApiUrl": "spreedb"},
+    {"pollerEnv": {"BATCH_SIZE": 1000}},
+])
+def test_crd_schema_rejects(bad: dict[str, Any]) -> None:
+    (fleet,) = docs(ROOT / "manifests" / "pollerfleet.yaml")
+    fleet["spec"].update(bad)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(fleet, crd_schema())
+
+
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_rendered_objects_are_valid_kubernetes(sidecar: bool) -> None:
+    (fleet,) = docs(ROOT / "manifests" / "pollerfleet.yaml")
+    spec = dict(fleet["spec"])
+    if not sidecar:
+        spec["latencySidecar"] = False
+        spec["latencyApiUrl"] = "http://spreedb.internal:4402"
+    parsed = parse(spec)
+    for obj in (render.statefulset("pf", "soundcheck", parsed, 3),
+                render.service("pf", "soundcheck"), render.pdb("pf", "soundcheck")):
+        validate(obj)
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.poller", "Dockerfile.operator"])
+def test_dockerfile_is_hadolint_clean(dockerfile: str) -> None:
+    proc = subprocess.run(["hadolint", str(ROOT / dockerfile)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.poller", "Dockerfile.operator"])
+def test_image_installs_from_the_lock_and_runs_as_non_root(dockerfile: str) -> None:
+    text = (ROOT / dockerfile).read_text()
+    assert "--requirement requirements.lock" in text
+    final = text.rsplit("FROM ", 1)[1]
+    assert "USER 10001:0" in final and "pip install" not in final  # no build steps there
+
+
+def test_lock_pins_every_runtime_dependency() -> None:
+    lines = [ln for ln in (ROOT / "requirements.lock").read_text().splitlines()
+             if ln and not ln.startswith("#")]
+    assert all("==" in ln for ln in lines), [ln for ln in lines if "==" not in ln]
+    pinned = {ln.split("==")[0].lower().replace("_", "-") for ln in lines}
+    for needed in ("aiohttp", "asyncpg", "pydantic", "pydantic-settings", "prometheus-client",
+                   "supabase", "kopf", "kubernetes"):
+        assert needed in pinned, needed
