@@ -4,98 +4,24 @@ Kubernetes API, and the fleet load from a real Postgres through the SQL API."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import kmock
 import pytest
-from kubernetes import client as kc
-from pollerfleet import kube
 
 from tests.support.db import add_jobs
-from tests.support.kube_api import FilledEmulator, OperatorThread
+from tests.support.kube_api import FLEETS, NS, PDB, STS, SVC, Cluster, running_operator
 
 pytestmark = pytest.mark.slow
-
-NS = "default"
-FLEETS = kmock.resource("soundcheck.io", "v1alpha1", "pollerfleets")
-STS = kmock.resource("apps", "v1", "statefulsets")
-SVC = kmock.resource("", "v1", "services")
-PDB = kmock.resource("policy", "v1", "poddisruptionbudgets")
-EVENTS = kmock.resource("", "v1", "events")
-
-
-class Cluster:
-    def __init__(self, emu: FilledEmulator, server: kmock.Server) -> None:
-        self.emu = emu
-        self.server = server
-        self.url = str(server.url).rstrip("/")
-
-    def get(self, resource: Any, name: str) -> dict[str, Any] | None:
-        key = (resource, NS, name)
-        if key not in self.emu.objects or self.emu.objects[key].deleted:
-            return None
-        return self.emu.objects[key].raw  # type: ignore[no-any-return]
-
-    async def until(self, cond: Callable[[], bool], timeout: float = 15) -> None:
-        async with asyncio.timeout(timeout):
-            await self.emu.progress.wait_for(cond)
-
-    async def post(self, path: str, body: dict[str, Any]) -> None:
-        async with self.server.client.post(f"{self.url}{path}", json=body) as resp:
-            assert resp.status in (200, 201), await resp.text()
-
-    async def patch(self, path: str, body: dict[str, Any]) -> None:
-        headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.server.client.patch(f"{self.url}{path}", json=body,
-                                            headers=headers) as resp:
-            assert resp.status == 200, await resp.text()
-
-    def events(self, reason: str) -> list[dict[str, Any]]:
-        return [obj.raw for key, obj in self.emu.objects.items()
-                if key[0] == EVENTS and not obj.deleted and obj.raw.get("reason") == reason]
-
-    def fleet_status(self, name: str) -> dict[str, Any]:
-        return (self.get(FLEETS, name) or {}).get("status") or {}
-
-    def condition(self, name: str, kind: str) -> dict[str, Any]:
-        for cond in self.fleet_status(name).get("conditions", []):
-            if cond["type"] == kind:
-                return cond  # type: ignore[no-any-return]
-        return {}
-
-    def replicas(self, name: str) -> int | None:
-        sts = self.get(STS, name)
-        return None if sts is None else sts["spec"]["replicas"]
-
 
 @pytest.fixture
 async def cluster(dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
     monkeypatch.setenv("DATABASE_URL", dsn)
     monkeypatch.setenv("DB_TIMEOUT_MS", "2000")
-    async with FilledEmulator() as emu, kmock.Server(emu) as server:
-        emu.resources.load_bundled()
-        emu.resources[FLEETS] = {
-            "kind": "PollerFleet", "namespaced": True, "singular": "pollerfleet",
-            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
-            "subresources": ["status"]}
-        c = Cluster(emu, server)
-        cfg = kc.Configuration(host=c.url)
-        kube.configure(kc.ApiClient(cfg))
-        await c.post(f"/api/v1/namespaces/{NS}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "soundcheck-db"},
-            "data": {"database-url": base64.b64encode(dsn.encode()).decode()}})
-        operator = OperatorThread(c.url, NS)
-        await asyncio.to_thread(operator.start)
-        try:
-            yield c
-        finally:
-            await asyncio.to_thread(operator.stop)
-            kube.configure(None)
-        assert operator.error is None, operator.error
+    async with running_operator(dsn) as c:
+        yield c
 
 
 def fleet(name: str, **spec: Any) -> dict[str, Any]:

@@ -12,9 +12,12 @@ is checked offline instead (tests/test_manifests.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import threading
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +27,8 @@ import jsonpatch
 import kmock
 import kopf
 from kmock._internal import enums
+from kubernetes import client as kc
+from pollerfleet import kube
 
 from poller.progress import Progress
 
@@ -35,7 +40,7 @@ class FilledEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         # Notified after every request: tests await a state instead of polling for it.
         self.progress = Progress()
-        self.handled = 0  # requests served
+        self.log: list[tuple[str, str]] = []  # (method, path) of every request served
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         data = request.data
@@ -44,6 +49,8 @@ class FilledEmulator(kmock.KubernetesEmulator):
             if request.action == enums.action.CREATE:
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                if request.namespace and not meta.get("namespace"):
+                    meta["namespace"] = request.namespace
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp",
                                 datetime.now(UTC).isoformat().replace("+00:00", "Z"))
@@ -59,7 +66,7 @@ class FilledEmulator(kmock.KubernetesEmulator):
         if request.action == enums.action.UPDATE and isinstance(data, list):
             data.append({"op": "replace", "path": "/metadata/resourceVersion",
                          "value": str(next(_versions))})
-        self.handled += 1
+        self.log.append((str(request.method.value).upper(), str(request.url.path)))
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed:
@@ -116,3 +123,87 @@ class OperatorThread:
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+
+NS = "default"
+FLEETS = kmock.resource("soundcheck.io", "v1alpha1", "pollerfleets")
+STS = kmock.resource("apps", "v1", "statefulsets")
+SVC = kmock.resource("", "v1", "services")
+PDB = kmock.resource("policy", "v1", "poddisruptionbudgets")
+EVENTS = kmock.resource("", "v1", "events")
+
+
+class Cluster:
+    def __init__(self, emu: FilledEmulator, server: kmock.Server) -> None:
+        self.emu = emu
+        self.server = server
+        self.url = str(server.url).rstrip("/")
+
+    def get(self, resource: Any, name: str) -> dict[str, Any] | None:
+        key = (resource, NS, name)
+        if key not in self.emu.objects or self.emu.objects[key].deleted:
+            return None
+        return self.emu.objects[key].raw  # type: ignore[no-any-return]
+
+    async def until(self, cond: Callable[[], bool], timeout: float = 15) -> None:
+        async with asyncio.timeout(timeout):
+            await self.emu.progress.wait_for(cond)
+
+    async def post(self, path: str, body: dict[str, Any]) -> None:
+        async with self.server.client.post(f"{self.url}{path}", json=body) as resp:
+            assert resp.status in (200, 201), await resp.text()
+
+    async def patch(self, path: str, body: dict[str, Any]) -> None:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self.server.client.patch(f"{self.url}{path}", json=body,
+                                            headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        return self.emu.log
+
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        return [obj.raw for key, obj in self.emu.objects.items()
+                if key[0] == EVENTS and not obj.deleted and obj.raw.get("reason") == reason]
+
+    def fleet_status(self, name: str) -> dict[str, Any]:
+        return (self.get(FLEETS, name) or {}).get("status") or {}
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        for cond in self.fleet_status(name).get("conditions", []):
+            if cond["type"] == kind:
+                return cond  # type: ignore[no-any-return]
+        return {}
+
+    def replicas(self, name: str) -> int | None:
+        sts = self.get(STS, name)
+        return None if sts is None else sts["spec"]["replicas"]
+
+
+@asynccontextmanager
+async def running_operator(dsn: str) -> AsyncIterator[Cluster]:
+    """kmock serving the API, a Secret with the database URL, the operator running.
+
+    The operator reads the load with DATABASE_URL from the environment: set it first.
+    """
+    async with FilledEmulator() as emu, kmock.Server(emu) as server:
+        emu.resources.load_bundled()
+        emu.resources[FLEETS] = {
+            "kind": "PollerFleet", "namespaced": True, "singular": "pollerfleet",
+            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+            "subresources": ["status"]}
+        c = Cluster(emu, server)
+        kube.configure(kc.ApiClient(kc.Configuration(host=c.url)))
+        await c.post(f"/api/v1/namespaces/{NS}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "soundcheck-db"},
+            "data": {"database-url": base64.b64encode(dsn.encode()).decode()}})
+        operator = OperatorThread(c.url, NS)
+        await asyncio.to_thread(operator.start)
+        try:
+            yield c
+        finally:
+            await asyncio.to_thread(operator.stop)
+            kube.configure(None)
+        if operator.error is not None:
+            raise operator.error
