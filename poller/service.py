@@ -145,6 +145,7 @@ class Service:
         crashed = asyncio.create_task(self._watch_tasks())
         await self.stopping.wait()
         crashed.cancel()
+        await asyncio.gather(crashed, return_exceptions=True)
         ok = await self.stop()
         return 0 if ok else 1
 

@@ -21,7 +21,7 @@ import kopf
 from poller.store import StoreError
 
 from . import kube, load, render
-from .conditions import now_iso, set_condition
+from .conditions import is_true, now_iso, set_condition
 from .sizing import decide
 from .spec import FleetSpec, SpecError, parse
 
@@ -132,7 +132,7 @@ async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
         desired = current
         was = conds
         conds = set_condition(conds, "Degraded", True, "LoadUnavailable", str(exc))
-        if was != conds and not _degraded(was):
+        if was != conds and not is_true(was, "Degraded"):
             kopf.warn(body, reason="LoadUnavailable", message=f"keeping {current} replicas: {exc}")
     else:
         decision = decide(fleet_load.running_jobs, current, fleet,
@@ -159,6 +159,3 @@ async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
     })
     _write_status(patch, status, new)
 
-
-def _degraded(conditions: list[dict[str, Any]]) -> bool:
-    return any(c.get("type") == "Degraded" and c.get("status") == "True" for c in conditions)
