@@ -25,7 +25,14 @@ from .progress import Progress
 from .recorder import Recorder
 from .scheduler import Scheduler
 from .settings import Settings
-from .store import Store, StoreMisconfigured, StoreUnavailable, check_api_version
+from .store import (
+    API_VERSION,
+    TOPOLOGY_API_VERSION,
+    Store,
+    StoreMisconfigured,
+    StoreUnavailable,
+    check_api_version,
+)
 
 log = logging.getLogger("poller")
 
@@ -166,7 +173,8 @@ class Service:
             self.sync_heartbeat = time.monotonic()
             try:
                 if not api_checked:
-                    check_api_version(await self.store.api_version())
+                    needed = TOPOLOGY_API_VERSION if self.settings.fleet_name else API_VERSION
+                    check_api_version(await self.store.api_version(), needed)
                     api_checked = True
                 await self.sync_once()
             except StoreMisconfigured as exc:
@@ -184,7 +192,17 @@ class Service:
 
     async def sync_once(self) -> None:
         s = self.settings
-        jobs = await self.store.sync_jobs(s.replica_id, self.replica_counts)
+        if s.fleet_name:
+            # The topology comes with the jobs, and this sync is our heartbeat.
+            synced = await self.store.sync_fleet(s.fleet_name, s.replica_id,
+                                                 len(self.scheduler.jobs), __version__)
+            if list(synced.counts) != self.replica_counts:
+                log.info("topology %s (epoch %d): replica %d now owns its share under it",
+                         "+".join(map(str, synced.counts)), synced.epoch, s.replica_id)
+                self.replica_counts = list(synced.counts)
+            jobs = synced.jobs
+        else:
+            jobs = await self.store.sync_jobs(s.replica_id, self.replica_counts)
         await self.scheduler.update(jobs)
         if not self.first_sync_done or self.sync_error:
             log.info("synced: %d jobs owned", len(self.scheduler.jobs))

@@ -58,6 +58,9 @@ class Settings(BaseModel):
 
     # Partitioning (static mode). REPLICA_ID falls back to the HOSTNAME ordinal, then 0.
     replica_count: int = Field(1, ge=1, le=1024, alias="REPLICA_COUNT")
+    # Set by the operator: the fleet's topology (active replica counts) comes from the
+    # database with each sync, and REPLICA_COUNT is not used.
+    fleet_name: str | None = Field(None, min_length=1, max_length=253, alias="FLEET_NAME")
     replica_id: int = Field(0, ge=0, alias="REPLICA_ID")
 
     # Lifecycle and logs.
@@ -90,7 +93,7 @@ class Settings(BaseModel):
                 raise ValueError("SUPABASE_SERVICE_ROLE_KEY: required with SUPABASE_URL")
             _check_http_url("SUPABASE_URL", self.supabase_url)
         _check_http_url("LATENCY_API_URL", self.latency_api_url)
-        if self.replica_id >= self.replica_count:
+        if self.fleet_name is None and self.replica_id >= self.replica_count:
             raise ValueError(
                 f"REPLICA_ID: {self.replica_id} is not below REPLICA_COUNT={self.replica_count}"
             )

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 from uuid import UUID
 
 from ..models import Job, RecordResult, Sample
 
 API_VERSION = 1  # the oldest poller_api_version() the poller works with
 FLEET_API_VERSION = 2  # the oldest the operator works with (adds poller_fleet_load)
+TOPOLOGY_API_VERSION = 3  # adds topology and heartbeats (pollers with FLEET_NAME)
 
 
 class StoreError(Exception):
@@ -45,6 +47,9 @@ class Store(Protocol):
 
     async def fleet_load(self) -> FleetLoad: ...
 
+    async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
+                         version: str) -> FleetSync: ...
+
 
 @dataclass(frozen=True)
 class FleetLoad:
@@ -54,6 +59,33 @@ class FleetLoad:
     @classmethod
     def from_json(cls, out: dict[str, object]) -> FleetLoad:
         return cls(int(out["running_jobs"]), float(out["pings_per_second"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class FleetSync:
+    """One sync in a fleet: the topology to apply (its heartbeat is recorded) and the jobs."""
+
+    counts: tuple[int, ...]
+    epoch: int
+    jobs: list[Job]
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> FleetSync:
+        return cls(tuple(int(n) for n in out["counts"]), int(out["epoch"]),
+                   [job_from_json(row) for row in out["jobs"]])
+
+
+def job_from_json(row: dict[str, Any]) -> Job:
+    """A job row as JSON (PostgREST, or jsonb from the SQL API) → Job."""
+    return Job(
+        id=UUID(row["id"]),
+        target_ip=row["target_ip"],
+        cadence_seconds=int(row["cadence_seconds"]),
+        duration_minutes=int(row["duration_minutes"]),
+        started_at=datetime.fromisoformat(row["started_at"]),
+        last_ping_at=(datetime.fromisoformat(row["last_ping_at"])
+                      if row["last_ping_at"] else None),
+    )
 
 
 def check_api_version(found: int, needed: int = API_VERSION) -> None:

@@ -18,7 +18,7 @@ from uuid import UUID
 import asyncpg
 
 from ..models import Job, RecordResult, Sample
-from . import MIGRATE_HINT, FleetLoad, StoreMisconfigured, StoreUnavailable
+from . import MIGRATE_HINT, FleetLoad, FleetSync, StoreMisconfigured, StoreUnavailable
 
 _RECORD_SQL = (
     "select poller_record_batch($1::uuid[], $2::int[], $3::text[], $4::float8[], "
@@ -117,6 +117,12 @@ class PostgresStore:
     async def fleet_load(self) -> FleetLoad:
         raw = await self._call("fetchval", "select poller_fleet_load()")
         return FleetLoad.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+    async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
+                         version: str) -> FleetSync:
+        raw = await self._call("fetchval", "select poller_sync_fleet($1, $2, $3, $4)",
+                               fleet, replica_id, owned_jobs, version)
+        return FleetSync.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -27,7 +26,14 @@ import httpx
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from ..models import Job, RecordResult, Sample
-from . import MIGRATE_HINT, FleetLoad, StoreMisconfigured, StoreUnavailable
+from . import (
+    MIGRATE_HINT,
+    FleetLoad,
+    FleetSync,
+    StoreMisconfigured,
+    StoreUnavailable,
+    job_from_json,
+)
 
 
 class _HttpError(Exception):
@@ -113,10 +119,16 @@ class SupabaseStore:
     async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
         rows = await self._rpc("poller_sync_jobs", {
             "p_replica_id": replica_id, "p_replica_counts": list(replica_counts)})
-        return [_job(row) for row in rows]
+        return [job_from_json(row) for row in rows]
 
     async def fleet_load(self) -> FleetLoad:
         return FleetLoad.from_json(await self._rpc("poller_fleet_load", {}))
+
+    async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
+                         version: str) -> FleetSync:
+        return FleetSync.from_json(await self._rpc("poller_sync_fleet", {
+            "p_fleet": fleet, "p_replica_id": replica_id, "p_owned_jobs": owned_jobs,
+            "p_version": version}))
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
@@ -134,15 +146,3 @@ class SupabaseStore:
         })
         return RecordResult(inserted=int(out["inserted"]),
                             completed=tuple(UUID(x) for x in out["completed"]))
-
-
-def _job(row: dict[str, Any]) -> Job:
-    return Job(
-        id=UUID(row["id"]),
-        target_ip=row["target_ip"],
-        cadence_seconds=int(row["cadence_seconds"]),
-        duration_minutes=int(row["duration_minutes"]),
-        started_at=datetime.fromisoformat(row["started_at"]),
-        last_ping_at=(datetime.fromisoformat(row["last_ping_at"])
-                      if row["last_ping_at"] else None),
-    )

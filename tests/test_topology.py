@@ -1,0 +1,100 @@
+"""Topology handover through the SQL API: pollers learn the fleet's size with each sync,
+report what they apply (heartbeats), and never restart to change ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from poller.localpg import free_port
+from poller.partition import owns
+from poller.service import Service
+from poller.settings import Settings
+from tests.conftest import DbEnv
+from tests.support.db import add_jobs
+from tests.support.latency_standin import LatencyStandIn
+
+FLEET = "soundcheck/pf"
+
+
+async def publish(conn: asyncpg.Connection, counts: list[int]) -> int:
+    return int(await conn.fetchval("select poller_publish_topology($1, $2)", FLEET, counts))
+
+
+async def test_publish_moves_the_epoch_only_on_a_change(conn: asyncpg.Connection) -> None:
+    assert await publish(conn, [3]) == 1
+    assert await publish(conn, [3]) == 1
+    assert await publish(conn, [3, 4]) == 2
+    assert await publish(conn, [4]) == 3
+    for bad in ([], [0], [1, 2, 3]):
+        with pytest.raises(asyncpg.InvalidParameterValueError):
+            await publish(conn, bad)
+
+
+async def test_sync_fleet_records_a_heartbeat_and_owns_the_union(
+        conn: asyncpg.Connection) -> None:
+    ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 101)])
+    with pytest.raises(asyncpg.NoDataFoundError, match="no topology published"):
+        await conn.fetchval("select poller_sync_fleet($1, 0, 0, 'v')", FLEET)
+    await publish(conn, [3, 4])
+    out = json.loads(await conn.fetchval("select poller_sync_fleet($1, 3, 7, '0.1.0')", FLEET))
+    assert out["counts"] == [3, 4] and out["epoch"] == 1
+    got = {row["id"] for row in out["jobs"]}
+    assert got == {str(i) for i in ids if owns(i, 3, [3, 4])}  # replica 3 exists only in 4
+    state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))
+    assert state["replicas"][0] | {"age_s": 0} == {
+        "replica_id": 3, "epoch": 1, "counts": [3, 4], "owned_jobs": 7, "version": "0.1.0",
+        "age_s": 0}
+    assert state["running_jobs"] == 100 and state["stale_jobs"] == 0
+
+
+async def test_stale_jobs_are_running_jobs_without_a_recent_sample(
+        conn: asyncpg.Connection) -> None:
+    fresh, stale, never = await add_jobs(conn, ["127.0.0.1"] * 3, cadence_seconds=10)
+    await conn.execute("update jobs set started_at = now() - interval '1 hour'")
+    await conn.execute("update jobs set last_ping_at = now() - interval '5 seconds' "
+                       "where id = $1", fresh)
+    await conn.execute("update jobs set last_ping_at = now() - interval '25 seconds' "
+                       "where id = $1", stale)
+    state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))
+    assert state["stale_jobs"] == 2  # `stale` and `never`, not `fresh`
+    del never
+
+
+async def test_pollers_follow_the_published_topology_without_restarting(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, standin: LatencyStandIn) -> None:
+    ids = await add_jobs(conn, [f"127.0.1.{i}" for i in range(1, 121)], cadence_seconds=60)
+    await publish(conn, [1])
+    env = {**await db_env(dsn), "LATENCY_API_URL": standin.url, "FLEET_NAME": FLEET,
+           "POLL_INTERVAL_MS": "100", "BATCH_FLUSH_INTERVAL_MS": "100"}
+    a = Service(Settings.from_env({**env, "HOSTNAME": "pf-0", "PORT": str(free_port())}))
+    b = Service(Settings.from_env({**env, "HOSTNAME": "pf-1", "PORT": str(free_port())}))
+    await a.start()
+    await b.start()
+
+    async def both(cond: Callable[[Service], bool]) -> None:
+        async with asyncio.timeout(10):
+            await a.progress.wait_for(lambda: cond(a))
+            await b.progress.wait_for(lambda: cond(b))
+
+    def owned(svc: Service) -> set[object]:
+        return set(svc.scheduler.jobs)
+
+    try:
+        await both(lambda s: s.replica_counts == [1] and s.first_sync_done)
+        assert owned(a) == set(ids) and owned(b) == set()  # replica 1 is beyond [1]
+        await publish(conn, [1, 2])
+        await both(lambda s: s.replica_counts == [1, 2])
+        assert owned(a) == set(ids)  # overlap: the old share kept …
+        assert owned(b) == {i for i in ids if owns(i, 1, [2])}  # … and the new one taken
+        await publish(conn, [2])
+        await both(lambda s: s.replica_counts == [2])
+        assert owned(a) | owned(b) == set(ids) and not owned(a) & owned(b)  # a partition
+        state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))
+        assert {(r["replica_id"], r["epoch"]) for r in state["replicas"]} == {(0, 3), (1, 3)}
+    finally:
+        assert await a.stop() and await b.stop()
