@@ -3,7 +3,8 @@
 kmock as the Kubernetes API (with the gaps tests/support/kube_api.py fills), the operator
 (kopf in its thread, POLLERFLEET_TICK_SECONDS and the fleet's syncIntervalSeconds as given),
 a throwaway Postgres. Prints:
-- per step change of running jobs: seconds until the StatefulSet's spec.replicas changed;
+- per step change of running jobs: seconds until the StatefulSet's spec.replicas changed
+  (pods are played by tests.support.kube_api.FakePods: ready at once, syncing the topology);
 - over a quiet stretch: API requests per sync, and how many of them were writes.
 
     python bench/bench_operator.py [--steps 5] [--sync 1] [--tick 0.2] [--quiet 10]
@@ -30,7 +31,7 @@ async def main(args: argparse.Namespace) -> None:
     from poller.localpg import LocalPostgres
     from poller.migrate import migrate
     from tests.support.db import add_jobs
-    from tests.support.kube_api import NS, running_operator
+    from tests.support.kube_api import NS, FakePods, running_operator
 
     with LocalPostgres() as pg:
         await migrate(pg.dsn)
@@ -46,10 +47,14 @@ async def main(args: argparse.Namespace) -> None:
                          "syncIntervalSeconds": args.sync,
                          "database": {"secretName": "soundcheck-db",
                                       "databaseUrlKey": "database-url"}}})
+            pods_conn = await asyncpg.connect(pg.dsn)
+            pods = asyncio.create_task(FakePods(cluster, pods_conn, "bench").run())
             await cluster.until(lambda: cluster.fleet_status("bench").get("runningJobs") == 0)
             lags = []
             for step in range(1, args.steps + 1):
-                ids = await add_jobs(conn, [f"127.0.0.{i % 250 + 1}" for i in range(10)])
+                # A long cadence: no job turns stale (nothing pings them here) in the window.
+                ids = await add_jobs(conn, [f"127.0.0.{i % 250 + 1}" for i in range(10)],
+                                     cadence_seconds=3600)
                 changed = time.monotonic()
                 await cluster.until(lambda s=step: cluster.replicas("bench") == s, timeout=60)
                 lags.append(time.monotonic() - changed)
@@ -57,24 +62,34 @@ async def main(args: argparse.Namespace) -> None:
                       f"{lags[-1]:.2f} s", flush=True)
                 del ids
             await cluster.until(lambda: cluster.fleet_status("bench").get("desiredReplicas")
-                                == args.steps and len(cluster.events("Scaled")) == args.steps)
+                                == args.steps and len(cluster.events("Scaled")) == args.steps
+                                and cluster.fleet_status("bench").get("topology")
+                                == str(args.steps))  # the last handover is complete
             # Let one full sync pass after the last change before counting.
             sts_reads = sum(1 for _, p in cluster.requests if p.endswith("/statefulsets/bench"))
             await cluster.until(lambda: sum(1 for _, p in cluster.requests
                                             if p.endswith("/statefulsets/bench")) >= sts_reads + 2)
             # A quiet stretch: nothing changes; count what the operator asks of the API.
             before = len(cluster.requests)
+            status_before = cluster.fleet_status("bench")
             start = time.monotonic()
             await asyncio.sleep(args.quiet)
+            status_after = cluster.fleet_status("bench")
+            changed = {k: (status_before.get(k), v) for k, v in status_after.items()
+                       if status_before.get(k) != v}
             quiet = cluster.requests[before:]
             syncs = (time.monotonic() - start) / args.sync
             writes = [r for r in quiet if r[0] in ("POST", "PATCH", "PUT", "DELETE")]
             print(f"\nstep → replicas: median {statistics.median(lags):.2f} s, "
                   f"max {max(lags):.2f} s (sync interval {args.sync} s, tick {args.tick} s)")
             print(f"quiet fleet: {len(quiet)} API requests in {args.quiet:.0f} s "
-                  f"≈ {len(quiet) / syncs:.2f} per sync, writes: {len(writes)}")
+                  f"≈ {len(quiet) / syncs:.2f} per sync, writes: {len(writes)}, "
+                  f"status fields changed: {changed or 'none'}")
             for method, path in sorted(set(quiet)):
                 print(f"  {method} {path}")
+            pods.cancel()
+            await asyncio.gather(pods, return_exceptions=True)
+            await pods_conn.close()
         await conn.close()
 
 

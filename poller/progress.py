@@ -19,6 +19,10 @@ class Progress:
         step, self._step = self._step, asyncio.Event()
         step.set()
 
+    async def next(self) -> None:
+        """Wait for the next notification."""
+        await self._step.wait()
+
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
             await self._step.wait()

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from pollerfleet import render
+from pollerfleet.handover import Step, next_step
 from pollerfleet.sizing import decide, recommend
 from pollerfleet.spec import FleetSpec, SpecError, parse
 
@@ -104,7 +105,7 @@ def _env(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_render_supabase_secrets_and_no_sidecar() -> None:
     s = spec(database={"secretName": "sb", "supabaseUrlKey": "url",
                        "serviceRoleKeyKey": "key"})
-    pod = render.pod_template("f", s, 3)
+    pod = render.pod_template("f", "ns", s)
     env = _env(pod)
     assert env["SUPABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "sb", "key": "url"}
     assert env["SUPABASE_SERVICE_ROLE_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "key"
@@ -116,9 +117,17 @@ def test_render_supabase_secrets_and_no_sidecar() -> None:
 
 def test_render_shutdown_grace_fits_the_pod_grace() -> None:
     s = spec(terminationGracePeriodSeconds=40)
-    pod = render.pod_template("f", s, 1)
+    pod = render.pod_template("f", "ns", s)
     assert pod["spec"]["terminationGracePeriodSeconds"] == 40
     assert _env(pod)["SHUTDOWN_GRACE_MS"]["value"] == "35000"
+
+
+def test_resizing_does_not_change_the_pod_template() -> None:
+    a = render.statefulset("f", "ns", spec(), 2)
+    b = render.statefulset("f", "ns", spec(), 7)
+    assert a["spec"]["template"] == b["spec"]["template"]
+    assert _env(a["spec"]["template"])["FLEET_NAME"]["value"] == "ns/f"
+    assert "REPLICA_COUNT" not in _env(a["spec"]["template"])
 
 
 def test_render_selector_matches_the_template() -> None:
@@ -127,3 +136,47 @@ def test_render_selector_matches_the_template() -> None:
     assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert render.service("f", "ns")["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
     assert render.pdb("f", "ns")["spec"]["selector"]["matchLabels"] == labels
+
+
+# Handover ---------------------------------------------------------------------------------
+
+
+def test_a_new_fleet_publishes_then_scales() -> None:
+    assert next_step(None, 0, pods=0, ready=0, desired=3, seen={}) == Step((3,), 3)
+
+
+def test_grow_scales_first_then_hands_over_when_ready_and_seen() -> None:
+    steps = [
+        next_step((2,), 1, pods=2, ready=2, desired=4, seen={0: 1, 1: 1}),
+        next_step((2,), 1, pods=4, ready=3, desired=4, seen={0: 1, 1: 1}),
+        next_step((2,), 1, pods=4, ready=4, desired=4, seen={0: 1, 1: 1}),
+        next_step((2, 4), 2, pods=4, ready=4, desired=4, seen={0: 2, 1: 2, 2: 2}),
+        next_step((2, 4), 2, pods=4, ready=4, desired=4, seen={0: 2, 1: 2, 2: 2, 3: 2}),
+        next_step((4,), 3, pods=4, ready=4, desired=4, seen={}),
+    ]
+    assert steps[0] == Step(scale_to=4)
+    assert steps[1].publish is None and "ready" in steps[1].waiting
+    assert steps[2] == Step(publish=(2, 4))
+    assert steps[3].publish is None and "sync" in steps[3].waiting  # replica 3 not yet
+    assert steps[4] == Step(publish=(4,))
+    assert steps[5] == Step()
+
+
+def test_shrink_hands_over_before_the_pods_go() -> None:
+    assert next_step((4,), 3, pods=4, ready=4, desired=1, seen={}) == Step(publish=(4, 1))
+    assert next_step((4, 1), 4, pods=4, ready=4, desired=1,
+                     seen={0: 4, 1: 4, 2: 3, 3: 4}).publish is None
+    assert next_step((4, 1), 4, pods=4, ready=4, desired=1,
+                     seen={0: 4, 1: 4, 2: 4, 3: 4}) == Step(publish=(1,), scale_to=1)
+
+
+def test_to_zero_and_back() -> None:
+    assert next_step((3,), 5, pods=3, ready=3, desired=0, seen={}) == Step(scale_to=0)
+    assert next_step((3,), 5, pods=0, ready=0, desired=0, seen={}) == Step()
+    assert next_step((3,), 5, pods=0, ready=0, desired=2, seen={}) == Step((2,), 2)
+    assert next_step((2,), 6, pods=0, ready=0, desired=2, seen={}) == Step(scale_to=2)
+
+
+def test_missing_pods_get_their_buckets_taken_over() -> None:
+    # e.g. someone scaled the StatefulSet by hand, or a step was lost in a crash
+    assert next_step((4,), 2, pods=2, ready=2, desired=2, seen={}) == Step(publish=(4, 2))

@@ -12,7 +12,16 @@ import asyncpg
 import pytest
 
 from tests.support.db import add_jobs
-from tests.support.kube_api import FLEETS, NS, PDB, STS, SVC, Cluster, running_operator
+from tests.support.kube_api import (
+    FLEETS,
+    NS,
+    PDB,
+    STS,
+    SVC,
+    Cluster,
+    FakePods,
+    running_operator,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +80,19 @@ async def test_create_renders_the_owned_objects(cluster: Cluster) -> None:
     assert cluster.fleet_status("pf")["observedGeneration"] == 1
 
 
-async def test_replicas_follow_the_load(cluster: Cluster, conn: asyncpg.Connection) -> None:
+@pytest.fixture
+async def pods(cluster: Cluster, dsn: str) -> AsyncIterator[None]:
+    """Pods that become ready and sync with the topology, for the fleet named "load"."""
+    own = await asyncpg.connect(dsn)
+    fake = asyncio.create_task(FakePods(cluster, own, "load").run())
+    yield
+    fake.cancel()
+    await asyncio.gather(fake, return_exceptions=True)
+    await own.close()
+
+
+async def test_replicas_follow_the_load(cluster: Cluster, conn: asyncpg.Connection,
+                                        pods: None) -> None:
     await cluster.post(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets",
                        fleet("load", minReplicas=0))
     await cluster.until(lambda: cluster.fleet_status("load").get("runningJobs") == 0)
@@ -87,8 +108,12 @@ async def test_replicas_follow_the_load(cluster: Cluster, conn: asyncpg.Connecti
     lowered = time.monotonic()
     await cluster.until(lambda: cluster.fleet_status("load").get("runningJobs") == 5)
     assert cluster.replicas("load") == 3  # the window has not passed yet
-    await cluster.until(lambda: cluster.replicas("load") == 1)
+    await cluster.until(lambda: cluster.replicas("load") == 1
+                        and cluster.fleet_status("load").get("topology") == "1")
     assert time.monotonic() - lowered >= 2  # not before the stabilization window
+    # … and only after handing 3 → 1 over: [3, 1] published, seen by all, collapsed.
+    assert await conn.fetchval("select counts from poller_topology where fleet = $1",
+                               f"{NS}/load") == [1]
 
     await conn.execute("update jobs set status = 'completed' where id = any($1::uuid[])", ids)
     await cluster.until(lambda: cluster.replicas("load") == 0
@@ -157,3 +182,34 @@ async def test_invalid_spec_gives_a_condition_and_one_event(
     assert message in cluster.condition("bad", "Ready")["message"]
     assert len(cluster.events("InvalidSpec")) == 1
     assert cluster.get(STS, "bad") is None
+
+
+async def test_growth_is_handed_over_through_two_counts(
+        cluster: Cluster, conn: asyncpg.Connection, pods: None) -> None:
+    await cluster.post(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets",
+                       fleet("load"))
+    await cluster.until(lambda: cluster.fleet_status("load").get("topology") == "1")
+    epoch = await conn.fetchval("select epoch from poller_topology where fleet = $1",
+                                f"{NS}/load")
+    await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 26)])
+    await cluster.until(lambda: cluster.fleet_status("load").get("topology") == "3"
+                        and cluster.replicas("load") == 3)
+    # Two publications: [1, 3] (pods ready, overlap), then [3] (every pod had seen it).
+    assert await conn.fetchval("select epoch from poller_topology where fleet = $1",
+                               f"{NS}/load") == epoch + 2
+    beats = await conn.fetch("select replica_id, counts from poller_heartbeats "
+                             "where fleet = $1 order by 1", f"{NS}/load")
+    assert [b["replica_id"] for b in beats] == [0, 1, 2]
+
+
+async def test_stale_jobs_make_the_fleet_degraded(
+        cluster: Cluster, conn: asyncpg.Connection, pods: None) -> None:
+    await add_jobs(conn, ["127.0.0.1", "127.0.0.2"], cadence_seconds=5)
+    await conn.execute("update jobs set started_at = now() - interval '1 minute'")
+    await cluster.post(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets",
+                       fleet("load", staleJobsWindowSeconds=0))
+    await cluster.until(lambda: cluster.condition("load", "Degraded").get("reason")
+                        == "StaleJobs" and len(cluster.events("StaleJobs")) == 1)
+    assert cluster.fleet_status("load")["staleJobs"] == 2
+    await conn.execute("update jobs set last_ping_at = now()")
+    await cluster.until(lambda: cluster.condition("load", "Degraded").get("status") == "False")

@@ -2,7 +2,8 @@
 
 - create / resume / spec update → render the owned objects and apply them;
 - a timer every POLLERFLEET_TICK_SECONDS → at the fleet's syncIntervalSeconds, read the
-  load, decide the size (sizing.decide), scale the StatefulSet, report status.
+  fleet's state, decide the size (sizing.decide), take the next handover step
+  (handover.next_step: publish a topology, scale the StatefulSet), report status.
 An invalid spec becomes a condition and an event, never an exception (which kopf would
 retry forever). Status is patched only with what changed, so a quiet fleet costs reads
 only.
@@ -22,6 +23,7 @@ from poller.store import StoreError
 
 from . import kube, load, render
 from .conditions import is_true, now_iso, set_condition
+from .handover import next_step
 from .sizing import decide
 from .spec import FleetSpec, SpecError, parse
 
@@ -119,43 +121,74 @@ async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
         return
     sts = await asyncio.to_thread(kube.read_statefulset, namespace, name)
     if sts is None:  # deleted behind our back, or a spec that was invalid until now
-        await _apply_all(body, name, namespace, fleet, fleet.min_replicas)
+        await _apply_all(body, name, namespace, fleet, 0)
         return
-    current = int(sts["spec"].get("replicas", 0))
+    pods = int(sts["spec"].get("replicas", 0))
+    ready = int((sts.get("status") or {}).get("readyReplicas", 0))
+    key = render.fleet_key(namespace, name)
     conds = set_condition(status.get("conditions") or [], "Ready", True, "Reconciled",
                           "owned objects match the spec")
     new: dict[str, Any] = {}
+    desired = pods
     try:
-        fleet_load = await load.fleet_load()
+        state = await load.fleet_state(key)
     except StoreError as exc:
-        # Never resize on a failed read: keep the size, say why.
-        desired = current
+        # Never resize (nor hand over) on a failed read: keep the size, say why.
         was = conds
         conds = set_condition(conds, "Degraded", True, "LoadUnavailable", str(exc))
         if was != conds and not is_true(was, "Degraded"):
-            kopf.warn(body, reason="LoadUnavailable", message=f"keeping {current} replicas: {exc}")
+            kopf.warn(body, reason="LoadUnavailable", message=f"keeping {pods} replicas: {exc}")
     else:
-        decision = decide(fleet_load.running_jobs, current, fleet,
-                          tuple(memo.get("history", ())), now)
+        decision = decide(state.running_jobs, pods, fleet, tuple(memo.get("history", ())), now)
         memo["history"] = decision.history
         desired = decision.desired
-        conds = set_condition(conds, "Degraded", False, "LoadRead",
-                              f"{fleet_load.running_jobs} running jobs")
-        new["runningJobs"] = fleet_load.running_jobs
-        if desired != current:
-            await asyncio.to_thread(kube.scale_statefulset, namespace, name, desired)
+        step = next_step(state.counts, state.epoch, pods, ready, desired, state.seen)
+        topology = state.counts
+        if step.publish is not None:
+            await load.publish_topology(key, step.publish)
+            topology = step.publish
+        if step.scale_to is not None and step.scale_to != pods:
+            await asyncio.to_thread(kube.scale_statefulset, namespace, name, step.scale_to)
             kopf.info(body, reason="Scaled", message=(
-                f"{current} → {desired} replicas for {fleet_load.running_jobs} running jobs"))
+                f"{pods} → {step.scale_to} replicas for {state.running_jobs} running jobs"))
             new["lastScaleTime"] = now_iso()
-    ready = int((sts.get("status") or {}).get("readyReplicas", 0))
-    conds = set_condition(conds, "Scaling", ready != desired, "Scaling" if ready != desired
-                          else "Stable", f"{ready}/{desired} replicas ready")
+        conds = _stale_condition(body, conds, state.stale_jobs, memo, now,
+                                 window=float(fleet.stale_window_s))
+        new.update({
+            "runningJobs": state.running_jobs,
+            "staleJobs": state.stale_jobs,
+            "replicasReporting": state.reporting,
+            "topology": "+".join(map(str, topology or ())),
+        })
+        if step.waiting:
+            new["handover"] = step.waiting
+        elif status.get("handover"):
+            new["handover"] = None
+    conds = set_condition(conds, "Scaling", ready != desired or pods != desired,
+                          "Scaling" if ready != desired else "Stable",
+                          f"{ready}/{desired} replicas ready")
     new.update({
         "desiredReplicas": desired,
-        "currentReplicas": int((sts.get("status") or {}).get("replicas", current)),
+        "currentReplicas": int((sts.get("status") or {}).get("replicas", pods)),
         "readyReplicas": ready,
         "conditions": conds,
         "observedGeneration": body.metadata.get("generation"),
     })
     _write_status(patch, status, new)
 
+
+def _stale_condition(body: kopf.Body, conds: list[dict[str, Any]], stale: int,
+                     memo: kopf.Memo, now: float, window: float) -> list[dict[str, Any]]:
+    """Degraded while jobs have gone without samples for a sustained window."""
+    if stale == 0:
+        memo.pop("stale_since", None)
+        return set_condition(conds, "Degraded", False, "Healthy", "every running job is sampled")
+    since = memo.setdefault("stale_since", now)
+    if now - since < window:
+        # The message stays the same from sync to sync: an unchanged status is not written.
+        return set_condition(conds, "Degraded", False, "Healthy",
+                             f"{stale} jobs without a recent sample, under watch")
+    message = f"{stale} running jobs have had no sample for over twice their cadence"
+    if not is_true(conds, "Degraded"):
+        kopf.warn(body, reason="StaleJobs", message=message)
+    return set_condition(conds, "Degraded", True, "StaleJobs", message)

@@ -1,4 +1,5 @@
-"""The fleet's load, read through the same SQL API and transports as the pollers.
+"""The fleet's state (load, topology, heartbeats), read and published through the same
+SQL API and transports as the pollers.
 
 The operator's database credentials come from its own environment, with the pollers'
 variable names (DATABASE_URL, or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY, DB_TIMEOUT_MS).
@@ -11,7 +12,13 @@ import os
 
 from poller.service import make_store
 from poller.settings import ConfigError, Settings
-from poller.store import FLEET_API_VERSION, FleetLoad, Store, StoreMisconfigured, check_api_version
+from poller.store import (
+    TOPOLOGY_API_VERSION,
+    FleetState,
+    Store,
+    StoreMisconfigured,
+    check_api_version,
+)
 
 _VARS = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DB_TIMEOUT_MS",
          "DATABASE_PREPARED_STATEMENTS")
@@ -19,7 +26,7 @@ _VARS = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DB_TIMEOU
 _store: Store | None = None
 
 
-async def fleet_load() -> FleetLoad:
+async def _opened() -> Store:
     global _store
     if _store is None:
         try:
@@ -29,12 +36,20 @@ async def fleet_load() -> FleetLoad:
         store = make_store(settings)
         await store.open()
         try:
-            check_api_version(await store.api_version(), FLEET_API_VERSION)
+            check_api_version(await store.api_version(), TOPOLOGY_API_VERSION)
         except BaseException:
             await store.close()
             raise
         _store = store
-    return await _store.fleet_load()
+    return _store
+
+
+async def fleet_state(fleet: str) -> FleetState:
+    return await (await _opened()).fleet_state(fleet)
+
+
+async def publish_topology(fleet: str, counts: tuple[int, ...]) -> int:
+    return await (await _opened()).publish_topology(fleet, counts)
 
 
 async def close() -> None:

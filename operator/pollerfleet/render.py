@@ -42,13 +42,20 @@ def _security() -> dict[str, Any]:
     }
 
 
-def poller_env(spec: FleetSpec, replicas: int) -> list[dict[str, Any]]:
+def fleet_key(namespace: str, name: str) -> str:
+    """The fleet's name in the database (topology, heartbeats)."""
+    return f"{namespace}/{name}"
+
+
+def poller_env(spec: FleetSpec, fleet: str) -> list[dict[str, Any]]:
     db = spec.database
     env: list[dict[str, Any]] = [
         # The pod's ordinal, which the StatefulSet controller puts in this label.
         {"name": "REPLICA_ID",
          "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
-        {"name": "REPLICA_COUNT", "value": str(max(1, replicas))},
+        # The fleet size comes from the database with each sync (topology handover), so a
+        # resize never changes the pod template and never restarts a pod.
+        {"name": "FLEET_NAME", "value": fleet},
         {"name": "PORT", "value": str(PORT)},
         # Finish writing before the kubelet's SIGKILL.
         {"name": "SHUTDOWN_GRACE_MS", "value": str(max(1, spec.termination_grace_s - 5) * 1000)},
@@ -72,14 +79,14 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
             "timeoutSeconds": 3, "failureThreshold": failures}
 
 
-def pod_template(name: str, spec: FleetSpec, replicas: int) -> dict[str, Any]:
+def pod_template(name: str, namespace: str, spec: FleetSpec) -> dict[str, Any]:
     poller = {
         "name": "poller",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "args": ["python", "-m", "poller"],
         "ports": [{"name": "http", "containerPort": PORT}],
-        "env": poller_env(spec, replicas),
+        "env": poller_env(spec, fleet_key(namespace, name)),
         "livenessProbe": _probe("/health", "http", 10, 3),
         "readinessProbe": _probe("/ready", "http", 5, 2),
         "securityContext": _security(),
@@ -125,7 +132,7 @@ def statefulset(name: str, namespace: str, spec: FleetSpec, replicas: int) -> di
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector(name)},
             "updateStrategy": {"type": "RollingUpdate"},
-            "template": pod_template(name, spec, replicas),
+            "template": pod_template(name, namespace, spec),
         },
     }
 

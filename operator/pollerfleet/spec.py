@@ -54,6 +54,7 @@ class FleetSpec:
     resources: dict[str, Any] = field(default_factory=dict)
     sidecar_resources: dict[str, Any] = field(default_factory=dict)
     termination_grace_s: int = 30
+    stale_window_s: int = 120
 
 
 def _int(spec: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
@@ -110,4 +111,5 @@ def parse(spec: Mapping[str, Any]) -> FleetSpec:
         resources=dict(spec.get("resources") or {}),
         sidecar_resources=dict(spec.get("sidecarResources") or {}),
         termination_grace_s=_int(spec, "terminationGracePeriodSeconds", 30, 5),
+        stale_window_s=_int(spec, "staleJobsWindowSeconds", 120, 0),
     )

@@ -50,6 +50,10 @@ class Store(Protocol):
     async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
                          version: str) -> FleetSync: ...
 
+    async def fleet_state(self, fleet: str) -> FleetState: ...
+
+    async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int: ...
+
 
 @dataclass(frozen=True)
 class FleetLoad:
@@ -73,6 +77,30 @@ class FleetSync:
     def from_json(cls, out: dict[str, Any]) -> FleetSync:
         return cls(tuple(int(n) for n in out["counts"]), int(out["epoch"]),
                    [job_from_json(row) for row in out["jobs"]])
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """What the operator reads each sync: topology, heartbeats, load, stale jobs."""
+
+    counts: tuple[int, ...] | None
+    epoch: int
+    seen: dict[int, int]  # replica id → the topology epoch it last synced with
+    reporting: int  # replicas whose last heartbeat is recent
+    running_jobs: int
+    stale_jobs: int
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any], fresh_s: float = 60.0) -> FleetState:
+        replicas = out.get("replicas") or []
+        return cls(
+            counts=tuple(out["counts"]) if out.get("counts") else None,
+            epoch=int(out.get("epoch") or 0),
+            seen={int(r["replica_id"]): int(r["epoch"]) for r in replicas},
+            reporting=sum(1 for r in replicas if float(r["age_s"]) < fresh_s),
+            running_jobs=int(out["running_jobs"]),
+            stale_jobs=int(out["stale_jobs"]),
+        )
 
 
 def job_from_json(row: dict[str, Any]) -> Job:

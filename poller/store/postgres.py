@@ -18,7 +18,14 @@ from uuid import UUID
 import asyncpg
 
 from ..models import Job, RecordResult, Sample
-from . import MIGRATE_HINT, FleetLoad, FleetSync, StoreMisconfigured, StoreUnavailable
+from . import (
+    MIGRATE_HINT,
+    FleetLoad,
+    FleetState,
+    FleetSync,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 
 _RECORD_SQL = (
     "select poller_record_batch($1::uuid[], $2::int[], $3::text[], $4::float8[], "
@@ -123,6 +130,14 @@ class PostgresStore:
         raw = await self._call("fetchval", "select poller_sync_fleet($1, $2, $3, $4)",
                                fleet, replica_id, owned_jobs, version)
         return FleetSync.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+    async def fleet_state(self, fleet: str) -> FleetState:
+        raw = await self._call("fetchval", "select poller_fleet_state($1)", fleet)
+        return FleetState.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+    async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int:
+        return int(await self._call(  # type: ignore[arg-type]
+            "fetchval", "select poller_publish_topology($1, $2::int[])", fleet, list(counts)))
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]

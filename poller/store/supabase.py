@@ -29,6 +29,7 @@ from ..models import Job, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
     FleetLoad,
+    FleetState,
     FleetSync,
     StoreMisconfigured,
     StoreUnavailable,
@@ -129,6 +130,13 @@ class SupabaseStore:
         return FleetSync.from_json(await self._rpc("poller_sync_fleet", {
             "p_fleet": fleet, "p_replica_id": replica_id, "p_owned_jobs": owned_jobs,
             "p_version": version}))
+
+    async def fleet_state(self, fleet: str) -> FleetState:
+        return FleetState.from_json(await self._rpc("poller_fleet_state", {"p_fleet": fleet}))
+
+    async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int:
+        return int(await self._rpc("poller_publish_topology",
+                                   {"p_fleet": fleet, "p_counts": list(counts)}))
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]

@@ -207,3 +207,37 @@ async def running_operator(dsn: str) -> AsyncIterator[Cluster]:
             kube.configure(None)
         if operator.error is not None:
             raise operator.error
+
+
+class FakePods:
+    """Plays the StatefulSet controller and the pollers' heartbeats, for operator tests
+    that need no real pods: a StatefulSet's pods are ready as soon as it asks for them,
+    and each "pod" syncs with the fleet's topology (a heartbeat through the SQL API)."""
+
+    def __init__(self, cluster: Cluster, conn: Any, name: str) -> None:
+        # `conn` must be this object's own: asyncpg runs one query at a time per connection.
+        self.cluster, self.conn, self.name = cluster, conn, name
+        self._last: tuple[int, int] | None = None
+
+    async def run(self) -> None:
+        while True:
+            await self.step()
+            await self.cluster.emu.progress.next()
+
+    async def step(self) -> None:
+        sts = self.cluster.get(STS, self.name)
+        if sts is None:
+            return
+        pods = int(sts["spec"]["replicas"])
+        if (sts.get("status") or {}).get("readyReplicas") != pods:
+            await self.cluster.patch(
+                f"/apis/apps/v1/namespaces/{NS}/statefulsets/{self.name}/status",
+                {"status": {"replicas": pods, "readyReplicas": pods}})
+        fleet = f"{NS}/{self.name}"
+        epoch = await self.conn.fetchval(
+            "select epoch from poller_topology where fleet = $1", fleet) or 0
+        if (pods, epoch) != self._last and epoch:
+            for replica in range(pods):
+                await self.conn.fetchval("select poller_sync_fleet($1, $2, 0, 'fake')",
+                                         fleet, replica)
+            self._last = (pods, epoch)
