@@ -17,6 +17,7 @@ from aiohttp import web
 from . import __version__
 from .logs import RateLimited
 from .metrics import Metrics
+from .models import SampleStatus
 from .pingers import Pinger
 from .pingers.latency_api import LatencyApiPinger
 from .prober import Prober
@@ -140,7 +141,11 @@ class Service:
         await self.store.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        log.info("stopped: %s", "all samples written" if complete else "samples were lost")
+        pings = sum(self.metrics.value("soundcheck_poller_pings_total", {"status": st.value})
+                    for st in SampleStatus)
+        log.info("stopped: %s; %d pings made, %d samples inserted",
+                 "all samples written" if complete else "samples were lost", pings,
+                 self.metrics.value("soundcheck_poller_samples_written_total"))
         return complete
 
     async def run(self) -> int:

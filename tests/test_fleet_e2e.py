@@ -1,0 +1,230 @@
+"""The whole fleet resizing for real: a real Postgres, kmock as the Kubernetes API, the
+operator (kopf in its thread), real poller processes started and stopped by a test-side
+StatefulSet controller, and the latency sidecar pinging loopback addresses with real ICMP.
+
+Running jobs go 40 → 400 → 100 → 0 → 250 (jobsPerReplica 100). Every slot that fell due
+while its job was running and a pod was serving must have exactly one sample. The same
+schedule without the handover (REPLICA_COUNT in the pod environment, rolling restarts)
+runs as a comparison and its missed slots are printed beside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from poller.localpg import free_port
+from poller.partition import BUCKETS, jump_hash, owned_buckets
+from poller.sidecar import serve
+from tests.support.db import add_jobs
+from tests.support.fleet_runner import Counters, FleetRunner, RollingRunner
+from tests.support.kube_api import NS, Cluster, running_operator
+
+pytestmark = pytest.mark.slow
+
+SCHEDULE = [40, 400, 100, 0, 250]
+PER_REPLICA = 100
+HOLD_S = 3.0
+MARGIN_S = 1.0  # around pod start/stop and job start/cancel: what "while" means here
+
+
+@dataclass
+class Transition:
+    before: int
+    after: int
+    moved: float | None
+    expected: float | None
+
+
+class Jobs:
+    """The running set, grown with new jobs and shrunk by cancelling the newest."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.running: list[UUID] = []
+        self.cancelled_at: dict[UUID, float] = {}
+        self.made = 0
+
+    async def set(self, n: int) -> None:
+        if n > len(self.running):
+            k = n - len(self.running)
+            ips = [f"127.{(self.made + i) // 62500 % 250 + 1}.{(self.made + i) // 250 % 250}."
+                   f"{(self.made + i) % 250 + 1}" for i in range(k)]
+            self.running += await add_jobs(self.conn, ips,
+                                           cadence_seconds=[1 + i % 2 for i in range(k)])
+            self.made += k
+        elif n < len(self.running):
+            gone, self.running = self.running[n:], self.running[:n]
+            await self.conn.execute(
+                "update jobs set status = 'cancelled' where id = any($1::uuid[])", gone)
+            now = time.time()
+            self.cancelled_at.update(dict.fromkeys(gone, now))
+
+
+@dataclass
+class Missed:
+    served: int  # slots due while the job ran and a pod was serving
+    served_missing: int
+    due: int  # slots due while the job ran, pods or not
+    due_missing: int
+
+
+async def missed_slots(conn: asyncpg.Connection, jobs: Jobs, counters: Counters,
+                       end: float) -> Missed:
+    rows = await conn.fetch(
+        """select j.id, extract(epoch from j.started_at)::float8 as started, j.cadence_seconds,
+                  coalesce(array_agg(s.sequence_number) filter (where s.id is not null), '{}')
+                  as seqs
+           from jobs j left join samples s on s.job_id = j.id group by j.id""")
+    out = Missed(0, 0, 0, 0)
+    for r in rows:
+        stop = jobs.cancelled_at.get(r["id"], end)
+        have = set(r["seqs"])
+        k = math.ceil(MARGIN_S / r["cadence_seconds"])  # slots due MARGIN_S after the start
+        while (due := r["started"] + k * r["cadence_seconds"]) < stop - MARGIN_S:
+            out.due += 1
+            out.due_missing += k not in have
+            if counters.serving_at(due, MARGIN_S):
+                out.served += 1
+                out.served_missing += k not in have
+            k += 1
+    return out
+
+
+def moved_fraction(before: int, after: int) -> tuple[float, float]:
+    moved = sum(jump_hash(b, before) != jump_hash(b, after) for b in range(BUCKETS)) / BUCKETS
+    return moved, 1 - min(before, after) / max(before, after)
+
+
+@pytest.fixture
+async def sidecar() -> AsyncIterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("the sidecar's raw ICMP socket needs root here")
+    port = free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve("127.0.0.1", port, 2.0, "raw", 2000, stop))
+    await asyncio.sleep(0)  # let it bind before pollers connect (they retry anyway)
+    yield f"http://127.0.0.1:{port}"
+    stop.set()
+    await task
+
+
+def poller_env(dsn: str, sidecar: str) -> dict[str, str]:
+    return {"DATABASE_URL": dsn, "LATENCY_API_URL": sidecar, "POLL_INTERVAL_MS": "300",
+            "BATCH_FLUSH_INTERVAL_MS": "200", "PING_TIMEOUT_MS": "2000",
+            "SHUTDOWN_GRACE_MS": "10000", "CONCURRENCY": "500", "LOG_LEVEL": "INFO"}
+
+
+async def settled(cluster: Cluster, runner: FleetRunner, n: int) -> None:
+    def done() -> bool:
+        status = cluster.fleet_status("fleet")
+        return (cluster.replicas("fleet") == n and len(runner.ready) == n
+                and len(runner.procs) == n and status.get("runningJobs") is not None
+                and (n == 0 or status.get("topology") == str(n)))
+    await cluster.until(done, timeout=90)
+
+
+async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    conn = await asyncpg.connect(dsn)
+    jobs = Jobs(conn)
+    transitions: list[Transition] = []
+    async with running_operator(dsn) as cluster:
+        runner = FleetRunner(cluster, "fleet", poller_env(dsn, sidecar))
+        controller = asyncio.create_task(runner.run())
+        try:
+            await jobs.set(SCHEDULE[0])
+            await cluster.post(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets", {
+                "apiVersion": "soundcheck.io/v1alpha1", "kind": "PollerFleet",
+                "metadata": {"name": "fleet"},
+                "spec": {"image": "poller:test", "latencyApiUrl": sidecar,
+                         "jobsPerReplica": PER_REPLICA, "minReplicas": 0, "maxReplicas": 8,
+                         "scaleDownStabilizationSeconds": 2, "syncIntervalSeconds": 1,
+                         "database": {"secretName": "soundcheck-db",
+                                      "databaseUrlKey": "database-url"}}})
+            size = math.ceil(SCHEDULE[0] / PER_REPLICA)
+            await settled(cluster, runner, size)
+            await asyncio.sleep(HOLD_S)  # the observed stretch at this size
+            for target in SCHEDULE[1:]:
+                await jobs.set(target)
+                after = math.ceil(target / PER_REPLICA)
+                await settled(cluster, runner, after)
+                await _assert_partition(cluster, conn, after)
+                moved, expected = moved_fraction(size, after) if size and after else (None,
+                                                                                      None)
+                transitions.append(Transition(size, after, moved, expected))
+                size = after
+                await asyncio.sleep(HOLD_S)
+        finally:
+            controller.cancel()
+            await asyncio.gather(controller, return_exceptions=True)
+            await runner.close()
+    end = time.time()
+    missed = await missed_slots(conn, jobs, runner.counters, end)
+    duplicates = runner.counters.pings - runner.counters.inserted
+
+    baseline = await _rolling_baseline(dsn, sidecar)
+    print("\nwhole fleet, handover on:")
+    for t in transitions:
+        moved = "—" if t.moved is None else f"{t.moved:.3f} (expected {t.expected:.3f})"
+        print(f"  {t.before} → {t.after} replicas: buckets moved {moved}")
+    print(f"  slots due while a pod served: {missed.served}, missed {missed.served_missing}; "
+          f"all slots due: {missed.due}, missed {missed.due_missing}; "
+          f"duplicate pings absorbed: {duplicates}")
+    print(f"handover off (REPLICA_COUNT, rolling restarts): slots due while a pod served: "
+          f"{baseline.served}, missed {baseline.served_missing}; all slots due: "
+          f"{baseline.due}, missed {baseline.due_missing}")
+    assert missed.served > 1000
+    assert missed.served_missing == 0
+    for t in transitions:
+        if t.moved is not None and t.expected is not None:
+            sd = math.sqrt(t.expected * (1 - t.expected) / BUCKETS)
+            assert abs(t.moved - t.expected) <= 4 * sd + 1e-9, t
+    await conn.close()
+
+
+async def _assert_partition(cluster: Cluster, conn: asyncpg.Connection, n: int) -> None:
+    """After a handover every pod applies [n], and the owners partition the buckets."""
+    if n == 0:
+        return
+    async with asyncio.timeout(30):
+        while True:  # each pod reports [n] with its next sync; re-read as the operator ticks
+            beats = await conn.fetch("select replica_id, counts from poller_heartbeats "
+                                     "where fleet = $1 and replica_id < $2", f"{NS}/fleet", n)
+            if len(beats) == n and all(list(b["counts"]) == [n] for b in beats):
+                break
+            await cluster.emu.progress.next()
+    shares = [owned_buckets(b["replica_id"], b["counts"]) for b in beats]
+    assert sum(map(len, shares)) == BUCKETS and frozenset().union(*shares) == set(
+        range(BUCKETS))
+
+
+async def _rolling_baseline(dsn: str, sidecar: str) -> Missed:
+    """The same schedule the original way."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("update jobs set status = 'cancelled' where status = 'running'")
+    await conn.execute("truncate samples")
+    jobs = Jobs(conn)
+    jobs.made = 100_000  # fresh addresses
+    runner = RollingRunner("rolling", poller_env(dsn, sidecar))
+    started = time.time()
+    try:
+        for target in SCHEDULE:
+            await jobs.set(target)
+            await runner.resize(math.ceil(target / PER_REPLICA))
+            await asyncio.sleep(HOLD_S)
+    finally:
+        await runner.close()
+    await conn.execute("delete from jobs where extract(epoch from started_at) < $1", started)
+    missed = await missed_slots(conn, jobs, runner.counters, time.time())
+    await conn.close()
+    return missed
