@@ -17,6 +17,7 @@ from tests.support.postgrest_standin import PostgrestStandIn
 
 # The operator's timer tick, read when pollerfleet is imported: fast for tests.
 os.environ.setdefault("POLLERFLEET_TICK_SECONDS", "0.2")
+os.environ.setdefault("POLLERFLEET_METRICS_PORT", "0")  # tests read the registry directly
 
 _TEMPLATE = "soundcheck_template"
 SERVICE_ROLE_KEY = "test-service-role-key-0123456789abcdef"

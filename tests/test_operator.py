@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pollerfleet import metrics
 
 from tests.support.db import add_jobs
 from tests.support.kube_api import (
@@ -211,5 +212,7 @@ async def test_stale_jobs_make_the_fleet_degraded(
     await cluster.until(lambda: cluster.condition("load", "Degraded").get("reason")
                         == "StaleJobs" and len(cluster.events("StaleJobs")) == 1)
     assert cluster.fleet_status("load")["staleJobs"] == 2
+    assert metrics.registry.get_sample_value(
+        "soundcheck_operator_stale_jobs", {"fleet": f"{NS}/load"}) == 2
     await conn.execute("update jobs set last_ping_at = now()")
     await cluster.until(lambda: cluster.condition("load", "Degraded").get("status") == "False")

@@ -21,7 +21,7 @@ import kopf
 
 from poller.store import StoreError
 
-from . import kube, load, render
+from . import kube, load, metrics, render
 from .conditions import is_true, now_iso, set_condition
 from .handover import next_step
 from .sizing import decide
@@ -39,6 +39,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="soundcheck.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="soundcheck.io", key="last-handled-configuration")
+    metrics.serve()
 
 
 @kopf.on.cleanup()
@@ -134,6 +135,7 @@ async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
         state = await load.fleet_state(key)
     except StoreError as exc:
         # Never resize (nor hand over) on a failed read: keep the size, say why.
+        metrics.load_errors.labels(key).inc()
         was = conds
         conds = set_condition(conds, "Degraded", True, "LoadUnavailable", str(exc))
         if was != conds and not is_true(was, "Degraded"):
@@ -151,7 +153,12 @@ async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
             await asyncio.to_thread(kube.scale_statefulset, namespace, name, step.scale_to)
             kopf.info(body, reason="Scaled", message=(
                 f"{pods} → {step.scale_to} replicas for {state.running_jobs} running jobs"))
+            metrics.scale_events.labels(key).inc()
             new["lastScaleTime"] = now_iso()
+        metrics.running_jobs.labels(key).set(state.running_jobs)
+        metrics.stale_jobs.labels(key).set(state.stale_jobs)
+        metrics.replicas_reporting.labels(key).set(state.reporting)
+        metrics.desired_replicas.labels(key).set(desired)
         conds = _stale_condition(body, conds, state.stale_jobs, memo, now,
                                  window=float(fleet.stale_window_s))
         new.update({

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the operator (names start with `soundcheck_operator_`), served on
+POLLERFLEET_METRICS_PORT (9090; 0 turns the endpoint off)."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+registry = CollectorRegistry(auto_describe=True)
+running_jobs = Gauge("soundcheck_operator_running_jobs", "Running real_polling jobs",
+                     ["fleet"], registry=registry)
+stale_jobs = Gauge("soundcheck_operator_stale_jobs",
+                   "Running jobs with no sample for over twice their cadence",
+                   ["fleet"], registry=registry)
+desired_replicas = Gauge("soundcheck_operator_desired_replicas", "Pollers the fleet wants",
+                         ["fleet"], registry=registry)
+replicas_reporting = Gauge("soundcheck_operator_replicas_reporting",
+                           "Pollers with a recent heartbeat", ["fleet"], registry=registry)
+scale_events = Counter("soundcheck_operator_scale_events", "StatefulSet resizes", ["fleet"],
+                       registry=registry)
+load_errors = Counter("soundcheck_operator_load_errors", "Failed reads of the fleet state",
+                      ["fleet"], registry=registry)
+
+
+def serve() -> None:
+    port = int(os.environ.get("POLLERFLEET_METRICS_PORT", "9090"))
+    if port:
+        start_http_server(port, registry=registry)
