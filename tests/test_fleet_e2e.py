@@ -42,6 +42,8 @@ class Transition:
     after: int
     moved: float | None
     expected: float | None
+    start: float  # when the running jobs changed
+    end: float = float("inf")  # when the next change came
 
 
 class Jobs:
@@ -75,6 +77,10 @@ class Missed:
     served_missing: int
     due: int  # slots due while the job ran, pods or not
     due_missing: int
+    missing_at: list[float]  # due times of every missed slot
+
+    def missed_between(self, start: float, end: float) -> int:
+        return sum(start <= t < end for t in self.missing_at)
 
 
 async def missed_slots(conn: asyncpg.Connection, jobs: Jobs, counters: Counters,
@@ -84,14 +90,16 @@ async def missed_slots(conn: asyncpg.Connection, jobs: Jobs, counters: Counters,
                   coalesce(array_agg(s.sequence_number) filter (where s.id is not null), '{}')
                   as seqs
            from jobs j left join samples s on s.job_id = j.id group by j.id""")
-    out = Missed(0, 0, 0, 0)
+    out = Missed(0, 0, 0, 0, [])
     for r in rows:
         stop = jobs.cancelled_at.get(r["id"], end)
         have = set(r["seqs"])
         k = math.ceil(MARGIN_S / r["cadence_seconds"])  # slots due MARGIN_S after the start
         while (due := r["started"] + k * r["cadence_seconds"]) < stop - MARGIN_S:
             out.due += 1
-            out.due_missing += k not in have
+            if k not in have:
+                out.due_missing += 1
+                out.missing_at.append(due)
             if counters.serving_at(due, MARGIN_S):
                 out.served += 1
                 out.served_missing += k not in have
@@ -155,13 +163,16 @@ async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
             await settled(cluster, runner, size)
             await asyncio.sleep(HOLD_S)  # the observed stretch at this size
             for target in SCHEDULE[1:]:
+                changed = time.time()
+                if transitions:
+                    transitions[-1].end = changed
                 await jobs.set(target)
                 after = math.ceil(target / PER_REPLICA)
                 await settled(cluster, runner, after)
                 await _assert_partition(cluster, conn, after)
                 moved, expected = moved_fraction(size, after) if size and after else (None,
                                                                                       None)
-                transitions.append(Transition(size, after, moved, expected))
+                transitions.append(Transition(size, after, moved, expected, changed))
                 size = after
                 await asyncio.sleep(HOLD_S)
         finally:
@@ -176,7 +187,8 @@ async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
     print("\nwhole fleet, handover on:")
     for t in transitions:
         moved = "—" if t.moved is None else f"{t.moved:.3f} (expected {t.expected:.3f})"
-        print(f"  {t.before} → {t.after} replicas: buckets moved {moved}")
+        print(f"  {t.before} → {t.after} replicas: buckets moved {moved}, slots missed "
+              f"until the next change: {missed.missed_between(t.start, t.end)}")
     print(f"  slots due while a pod served: {missed.served}, missed {missed.served_missing}; "
           f"all slots due: {missed.due}, missed {missed.due_missing}; "
           f"duplicate pings absorbed: {duplicates}")
