@@ -16,7 +16,6 @@ from uuid import UUID
 from ..models import Job, RecordResult, Sample
 
 API_VERSION = 1  # the oldest poller_api_version() the poller works with
-FLEET_API_VERSION = 2  # the oldest the operator works with (adds poller_fleet_load)
 TOPOLOGY_API_VERSION = 3  # adds topology and heartbeats (pollers with FLEET_NAME)
 
 
@@ -45,24 +44,12 @@ class Store(Protocol):
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult: ...
 
-    async def fleet_load(self) -> FleetLoad: ...
-
     async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
                          version: str) -> FleetSync: ...
 
     async def fleet_state(self, fleet: str) -> FleetState: ...
 
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int: ...
-
-
-@dataclass(frozen=True)
-class FleetLoad:
-    running_jobs: int
-    pings_per_second: float
-
-    @classmethod
-    def from_json(cls, out: dict[str, object]) -> FleetLoad:
-        return cls(int(out["running_jobs"]), float(out["pings_per_second"]))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

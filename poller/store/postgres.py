@@ -20,7 +20,6 @@ import asyncpg
 from ..models import Job, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
-    FleetLoad,
     FleetState,
     FleetSync,
     StoreMisconfigured,
@@ -120,10 +119,6 @@ class PostgresStore:
     async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
         rows = await self._call("fetch", _SYNC_SQL, replica_id, list(replica_counts))
         return [Job(*r) for r in rows]  # type: ignore[union-attr]
-
-    async def fleet_load(self) -> FleetLoad:
-        raw = await self._call("fetchval", "select poller_fleet_load()")
-        return FleetLoad.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
                          version: str) -> FleetSync:

@@ -28,7 +28,6 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from ..models import Job, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
-    FleetLoad,
     FleetState,
     FleetSync,
     StoreMisconfigured,
@@ -121,9 +120,6 @@ class SupabaseStore:
         rows = await self._rpc("poller_sync_jobs", {
             "p_replica_id": replica_id, "p_replica_counts": list(replica_counts)})
         return [job_from_json(row) for row in rows]
-
-    async def fleet_load(self) -> FleetLoad:
-        return FleetLoad.from_json(await self._rpc("poller_fleet_load", {}))
 
     async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
                          version: str) -> FleetSync:
