@@ -7,11 +7,13 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import aiohttp
 import asyncpg
 import pytest
 
-from poller.localpg import LocalPostgres
+from poller.localpg import LocalPostgres, free_port
 from poller.migrate import migrate
+from poller.sidecar import serve
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn
 
@@ -111,3 +113,25 @@ async def standin() -> AsyncIterator[LatencyStandIn]:
     await s.start()
     yield s
     await s.stop()
+
+
+@pytest.fixture
+async def sidecar() -> AsyncIterator[str]:
+    """The latency sidecar (real ICMP, raw sockets) on a free loopback port; its URL."""
+    if os.geteuid() != 0:
+        pytest.skip("the sidecar's raw ICMP socket needs root here")
+    port = free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve("127.0.0.1", port, 2.0, "raw", 2000, stop))
+    url = f"http://127.0.0.1:{port}"
+    async with asyncio.timeout(10), aiohttp.ClientSession() as session:
+        while True:  # until it accepts connections (it is starting in this event loop)
+            try:
+                async with session.get(f"{url}/health") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.01)
+    yield url
+    stop.set()
+    await task

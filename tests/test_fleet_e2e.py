@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
 import pytest
 
-from poller.localpg import free_port
 from poller.partition import BUCKETS, jump_hash, owned_buckets
-from poller.sidecar import serve
 from tests.support.db import add_jobs
 from tests.support.fleet_runner import Counters, FleetRunner, RollingRunner
 from tests.support.kube_api import NS, Cluster, running_operator
@@ -110,19 +106,6 @@ async def missed_slots(conn: asyncpg.Connection, jobs: Jobs, counters: Counters,
 def moved_fraction(before: int, after: int) -> tuple[float, float]:
     moved = sum(jump_hash(b, before) != jump_hash(b, after) for b in range(BUCKETS)) / BUCKETS
     return moved, 1 - min(before, after) / max(before, after)
-
-
-@pytest.fixture
-async def sidecar() -> AsyncIterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("the sidecar's raw ICMP socket needs root here")
-    port = free_port()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve("127.0.0.1", port, 2.0, "raw", 2000, stop))
-    await asyncio.sleep(0)  # let it bind before pollers connect (they retry anyway)
-    yield f"http://127.0.0.1:{port}"
-    stop.set()
-    await task
 
 
 def poller_env(dsn: str, sidecar: str) -> dict[str, str]:

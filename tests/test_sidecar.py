@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -17,30 +16,8 @@ from poller.pingers import ping
 from poller.pingers.latency_api import LatencyApiPinger
 from poller.service import Service
 from poller.settings import Settings
-from poller.sidecar import serve
 from tests.support.db import add_jobs
 from tests.support.netns import NetnsHost, unavailable_reason
-
-
-@pytest.fixture
-async def sidecar() -> AsyncIterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("the sidecar's raw ICMP socket needs root here")
-    port = free_port()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve("127.0.0.1", port, 1.0, "raw", 100, stop))
-    url = f"http://127.0.0.1:{port}"
-    async with asyncio.timeout(10), aiohttp.ClientSession() as session:
-        while True:  # until the server accepts connections (it is starting in this loop)
-            try:
-                async with session.get(f"{url}/health") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.01)
-    yield url
-    stop.set()
-    await task
 
 
 @pytest.mark.parametrize("route", ["latency", "ping"])

@@ -203,16 +203,16 @@ $$;
 
 -- Only the service role (and owners/superusers) may call the API: on Supabase, functions in
 -- public are otherwise executable by the anon and authenticated roles through PostgREST.
-do $$
+-- Later migrations call this for the functions they add.
+create or replace function soundcheck_restrict_to_service_role(p_functions text[])
+returns void
+language plpgsql
+as $$
 declare
     v_fn text;
     v_role text;
 begin
-    foreach v_fn in array array[
-        'poller_api_version()',
-        'poller_sync_jobs(int, int[])',
-        'poller_record_batch(uuid[], int[], text[], float8[], float8[], timestamptz[], uuid[])'
-    ] loop
+    foreach v_fn in array p_functions loop
         execute format('revoke all on function %s from public', v_fn);
         foreach v_role in array array['anon', 'authenticated'] loop
             if exists (select 1 from pg_roles where rolname = v_role) then
@@ -225,6 +225,14 @@ begin
     end loop;
 end
 $$;
+
+revoke all on function soundcheck_restrict_to_service_role(text[]) from public;
+
+select soundcheck_restrict_to_service_role(array[
+    'poller_api_version()',
+    'poller_sync_jobs(int, int[])',
+    'poller_record_batch(uuid[], int[], text[], float8[], float8[], timestamptz[], uuid[])'
+]);
 
 insert into soundcheck_migrations (version, name)
 values (2, '002_poller_api') on conflict (version) do nothing;

@@ -19,21 +19,7 @@ returns int
 language sql immutable
 as $$ select 2 $$;
 
-do $$
-declare
-    v_role text;
-begin
-    execute 'revoke all on function poller_fleet_load() from public';
-    foreach v_role in array array['anon', 'authenticated'] loop
-        if exists (select 1 from pg_roles where rolname = v_role) then
-            execute format('revoke all on function poller_fleet_load() from %I', v_role);
-        end if;
-    end loop;
-    if exists (select 1 from pg_roles where rolname = 'service_role') then
-        execute 'grant execute on function poller_fleet_load() to service_role';
-    end if;
-end
-$$;
+select soundcheck_restrict_to_service_role(array['poller_fleet_load()']);
 
 insert into soundcheck_migrations (version, name)
 values (3, '003_fleet_api') on conflict (version) do nothing;

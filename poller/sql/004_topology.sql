@@ -106,28 +106,11 @@ returns int
 language sql immutable
 as $$ select 3 $$;
 
-do $$
-declare
-    v_fn text;
-    v_role text;
-begin
-    foreach v_fn in array array[
-        'poller_publish_topology(text, int[])',
-        'poller_sync_fleet(text, int, int, text)',
-        'poller_fleet_state(text)'
-    ] loop
-        execute format('revoke all on function %s from public', v_fn);
-        foreach v_role in array array['anon', 'authenticated'] loop
-            if exists (select 1 from pg_roles where rolname = v_role) then
-                execute format('revoke all on function %s from %I', v_fn, v_role);
-            end if;
-        end loop;
-        if exists (select 1 from pg_roles where rolname = 'service_role') then
-            execute format('grant execute on function %s to service_role', v_fn);
-        end if;
-    end loop;
-end
-$$;
+select soundcheck_restrict_to_service_role(array[
+    'poller_publish_topology(text, int[])',
+    'poller_sync_fleet(text, int, int, text)',
+    'poller_fleet_state(text)'
+]);
 
 insert into soundcheck_migrations (version, name)
 values (4, '004_topology') on conflict (version) do nothing;

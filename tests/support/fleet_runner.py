@@ -108,9 +108,7 @@ class FleetRunner(_Pods):
             await self.stop(ordinal)
         status = sts.get("status") or {}
         if status.get("readyReplicas") != len(self.ready) or status.get("replicas") != want:
-            await self.cluster.patch(
-                f"/apis/apps/v1/namespaces/{NS}/statefulsets/{self.name}/status",
-                {"status": {"replicas": want, "readyReplicas": len(self.ready)}})
+            await self.cluster.set_statefulset_status(self.name, want, len(self.ready))
 
 
 class RollingRunner(_Pods):

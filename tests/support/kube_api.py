@@ -159,6 +159,11 @@ class Cluster:
                                             headers=headers) as resp:
             assert resp.status == 200, await resp.text()
 
+    async def set_statefulset_status(self, name: str, replicas: int, ready: int) -> None:
+        """What the StatefulSet controller would report (none runs here)."""
+        await self.patch(f"/apis/apps/v1/namespaces/{NS}/statefulsets/{name}/status",
+                         {"status": {"replicas": replicas, "readyReplicas": ready}})
+
     @property
     def requests(self) -> list[tuple[str, str]]:
         return self.emu.log
@@ -230,9 +235,7 @@ class FakePods:
             return
         pods = int(sts["spec"]["replicas"])
         if (sts.get("status") or {}).get("readyReplicas") != pods:
-            await self.cluster.patch(
-                f"/apis/apps/v1/namespaces/{NS}/statefulsets/{self.name}/status",
-                {"status": {"replicas": pods, "readyReplicas": pods}})
+            await self.cluster.set_statefulset_status(self.name, pods, pods)
         fleet = f"{NS}/{self.name}"
         epoch = await self.conn.fetchval(
             "select epoch from poller_topology where fleet = $1", fleet) or 0
