@@ -216,3 +216,30 @@ async def test_stale_jobs_make_the_fleet_degraded(
         "soundcheck_operator_stale_jobs", {"fleet": f"{NS}/load"}) == 2
     await conn.execute("update jobs set last_ping_at = now()")
     await cluster.until(lambda: cluster.condition("load", "Degraded").get("status") == "False")
+
+
+async def test_an_operator_restart_mid_handover_resumes(
+        cluster: Cluster, conn: asyncpg.Connection, dsn: str) -> None:
+    ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 31)])
+    own = await asyncpg.connect(dsn)
+    fake = FakePods(cluster, own, "load")
+    pods = asyncio.create_task(fake.run())
+    await cluster.post(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets",
+                       fleet("load"))
+    await cluster.until(lambda: cluster.fleet_status("load").get("topology") == "3")
+    pods.cancel()  # the pods stop reporting: the next handover cannot complete …
+    await asyncio.gather(pods, return_exceptions=True)
+    await conn.execute("update jobs set status = 'cancelled' where id = any($1::uuid[])",
+                       ids[10:])
+    await cluster.until(lambda: cluster.fleet_status("load").get("topology") == "3+1")
+    await cluster.stop_operator()  # … and the operator goes away in the middle of it
+    assert cluster.replicas("load") == 3  # nothing was lowered before the hand-over
+    await cluster.start_operator()
+    pods = asyncio.create_task(fake.run())
+    try:
+        await cluster.until(lambda: cluster.fleet_status("load").get("topology") == "1"
+                            and cluster.replicas("load") == 1)
+    finally:
+        pods.cancel()
+        await asyncio.gather(pods, return_exceptions=True)
+        await own.close()

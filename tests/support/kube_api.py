@@ -137,6 +137,8 @@ class Cluster:
     def __init__(self, emu: FilledEmulator, server: kmock.Server) -> None:
         self.emu = emu
         self.server = server
+        self.namespace = NS
+        self.operator: OperatorThread
         self.url = str(server.url).rstrip("/")
 
     def get(self, resource: Any, name: str) -> dict[str, Any] | None:
@@ -158,6 +160,16 @@ class Cluster:
         async with self.server.client.patch(f"{self.url}{path}", json=body,
                                             headers=headers) as resp:
             assert resp.status == 200, await resp.text()
+
+    async def start_operator(self) -> None:
+        self.operator = OperatorThread(self.url, self.namespace)
+        await asyncio.to_thread(self.operator.start)
+
+    async def stop_operator(self) -> None:
+        """Stop kopf, as a crash or a rollout of the operator would."""
+        await asyncio.to_thread(self.operator.stop)
+        if self.operator.error is not None:
+            raise self.operator.error
 
     async def set_statefulset_status(self, name: str, replicas: int, ready: int) -> None:
         """What the StatefulSet controller would report (none runs here)."""
@@ -200,18 +212,16 @@ async def running_operator(dsn: str) -> AsyncIterator[Cluster]:
             "subresources": ["status"]}
         c = Cluster(emu, server)
         kube.configure(kc.ApiClient(kc.Configuration(host=c.url)))
+        c.namespace = NS
         await c.post(f"/api/v1/namespaces/{NS}/secrets", {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "soundcheck-db"},
             "data": {"database-url": base64.b64encode(dsn.encode()).decode()}})
-        operator = OperatorThread(c.url, NS)
-        await asyncio.to_thread(operator.start)
+        await c.start_operator()
         try:
             yield c
         finally:
-            await asyncio.to_thread(operator.stop)
+            await c.stop_operator()
             kube.configure(None)
-        if operator.error is not None:
-            raise operator.error
 
 
 class FakePods:
