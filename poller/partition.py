@@ -1,4 +1,4 @@
-"""Which replica owns which job (DESIGN §5), mirrored bit for bit by the SQL functions
+"""Which replica owns which job (README, "How it works"), mirrored bit for bit by the SQL functions
 `soundcheck_bucket`, `soundcheck_jump_hash` and `soundcheck_owned_buckets`.
 
 Jobs hash to one of 1024 buckets; buckets map to replicas by jump consistent hash, so

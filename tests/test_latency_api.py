@@ -1,4 +1,4 @@
-"""The Latency API client and the classification table of DESIGN §4, against a scripted
+"""The Latency API client and the classification table (README, "Samples"), against a scripted
 stand-in served over real HTTP on loopback."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Partitioning (DESIGN §5): the Python and SQL implementations agree with reference vectors."""
+"""Partitioning: the Python and SQL implementations agree with reference vectors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Changing a fleet's size without a gap (DESIGN §5), as a pure function of plain data.
+"""Changing a fleet's size without a gap (README, "Resizing without gaps"), as a pure
+function of plain data.
 
 The fleet's topology is the list of active replica counts the pollers partition buckets
 by; a poller owns a bucket if it owns it under any of them. One step per sync:

@@ -1,4 +1,4 @@
-"""How many pollers a fleet wants (DESIGN §7), as a pure function of plain data.
+"""How many pollers a fleet wants (README, "Deploy on Kubernetes"), as a pure function.
 
     desired = clamp(ceil(running_jobs / jobsPerReplica), minReplicas, maxReplicas)
 
