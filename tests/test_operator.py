@@ -243,3 +243,20 @@ async def test_an_operator_restart_mid_handover_resumes(
         pods.cancel()
         await asyncio.gather(pods, return_exceptions=True)
         await own.close()
+
+
+async def test_lowering_max_replicas_shrinks_through_the_handover(
+        cluster: Cluster, conn: asyncpg.Connection, pods: None) -> None:
+    await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 41)])
+    path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
+    await cluster.post(path, fleet("load"))
+    await cluster.until(lambda: cluster.fleet_status("load").get("topology") == "4"
+                        and cluster.replicas("load") == 4)
+    await cluster.patch(f"{path}/load", {"spec": {"maxReplicas": 2}})
+    await cluster.until(lambda: cluster.fleet_status("load").get("observedGeneration") == 2)
+    assert cluster.replicas("load") == 4  # the spec update itself removes no pod …
+    await cluster.until(lambda: cluster.replicas("load") == 2
+                        and cluster.fleet_status("load").get("topology") == "2")
+    # … the timer hands 4 → 2 over first (three publications: [4], [4, 2], [2]).
+    assert await conn.fetchval("select epoch from poller_topology where fleet = $1",
+                               f"{NS}/load") >= 3

@@ -96,9 +96,10 @@ async def reconcile(body: kopf.Body, spec: dict[str, Any], name: str, namespace:
     if fleet is None:
         return
     sts = await asyncio.to_thread(kube.read_statefulset, namespace, name)
-    # Keep the size the timer chose; a new fleet starts at minReplicas.
+    # Keep the size the timer chose, even outside a new min/max: only the timer resizes,
+    # through the handover (lowering replicas here would drop pods before their buckets
+    # were handed over). A new fleet starts at minReplicas.
     replicas = sts["spec"]["replicas"] if sts else fleet.min_replicas
-    replicas = max(fleet.min_replicas, min(fleet.max_replicas, replicas))
     await _apply_all(body, name, namespace, fleet, replicas)
     conds = set_condition(status.get("conditions") or [], "Ready", True, "Reconciled",
                           "owned objects match the spec")
