@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from .models import Job
-from .pingers.latency_api import valid_ip
+from .pingers import valid_ip
 
 _MAX_IDLE_S = 1.0  # wake at least this often, so /health sees the loop turning
 _YIELD_EVERY = 500  # dispatches between yields to the event loop in a burst

@@ -27,9 +27,8 @@ from aiohttp import web
 
 from . import logs
 from .models import SampleStatus
-from .pingers import PingResult, ping
+from .pingers import PingResult, ping, valid_ip
 from .pingers.icmp import IcmpPinger, IcmpUnavailable
-from .pingers.latency_api import valid_ip
 
 log = logging.getLogger("poller.sidecar")
 

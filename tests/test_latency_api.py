@@ -13,12 +13,11 @@ import pytest
 from poller.localpg import free_port
 from poller.metrics import Metrics
 from poller.models import Job, SampleStatus
-from poller.pingers import ping
+from poller.pingers import ping, valid_ip
 from poller.pingers.latency_api import (
     LatencyApiPinger,
     classify_latency_body,
     classify_ping_body,
-    valid_ip,
 )
 from poller.prober import Prober
 from poller.recorder import Recorder

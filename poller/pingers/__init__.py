@@ -10,8 +10,10 @@ ping, which is most of its cost. `ping()` awaits one result, for callers that wa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from ..models import SampleStatus
@@ -40,6 +42,23 @@ async def ping(pinger: Pinger, ip: str) -> PingResult:
     fut: asyncio.Future[PingResult] = asyncio.get_running_loop().create_future()
     pinger.submit(ip, fut.set_result)
     return await fut
+
+
+@lru_cache(maxsize=1 << 17)
+def parse_ip(target: str) -> tuple[int, str] | None:
+    """(IP version, canonical text) of a target, or None; cached, as the same targets are
+    pinged all day."""
+    try:
+        addr = ipaddress.ip_address(target.strip())
+    except ValueError:
+        return None
+    return addr.version, str(addr)
+
+
+def valid_ip(target: str | None) -> str | None:
+    """The normalised address, or None: only a valid IP reaches a URL or a socket."""
+    parsed = parse_ip(target) if target else None
+    return parsed[1] if parsed else None
 
 
 def system_error(detail: str) -> PingResult:

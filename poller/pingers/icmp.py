@@ -22,18 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import itertools
 import os
 import socket
 import struct
 import time
 from collections import deque
-from functools import lru_cache
 from typing import Literal
 
 from ..models import SampleStatus
-from . import Done, PingResult, ping, system_error
+from . import Done, PingResult, parse_ip, ping, system_error
 
 SocketKind = Literal["auto", "dgram", "raw"]
 
@@ -71,16 +69,6 @@ def _echo_request(version: int, ident: int, seq: int) -> bytes:
     if version == 4:  # the kernel computes ICMPv6 checksums itself
         header = struct.pack("!BBHHH", kind, 0, _checksum(header + payload), ident, seq)
     return header + payload
-
-
-@lru_cache(maxsize=1 << 17)
-def _parse(ip: str) -> tuple[int, str] | None:
-    """(IP version, canonical text); cached, as the same targets are pinged all day."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    return addr.version, str(addr)
 
 
 class _Wait:
@@ -185,7 +173,7 @@ class IcmpPinger:
         loop = self._loop
         if loop is None:
             raise RuntimeError("IcmpPinger.start() was not called")
-        parsed = _parse(ip)
+        parsed = parse_ip(ip)
         if parsed is None:
             loop.call_soon(done, system_error(f"invalid target address {ip!r}"))
             return
@@ -279,7 +267,7 @@ def _quoted_echo(fam: _Family, inner: bytes) -> tuple[str, int] | None:
     _, _, _, ident, seq = struct.unpack_from("!BBHHH", inner)
     if ident != fam.ident:
         return None
-    parsed = _parse(dest)
+    parsed = parse_ip(dest)
     return (parsed[1], seq) if parsed else None
 
 

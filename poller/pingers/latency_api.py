@@ -10,7 +10,6 @@ only, never a wait for a free connection.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import math
 from typing import Any, Literal
@@ -19,7 +18,7 @@ from urllib.parse import quote
 import aiohttp
 
 from ..models import SampleStatus
-from . import Done, PingResult, system_error
+from . import Done, PingResult, system_error, valid_ip
 
 # Error texts that mean "the target did not answer" rather than "the check itself failed".
 _MISSED_WORDS = ("timeout", "unreachable", "no reply", "host down")
@@ -66,16 +65,6 @@ def classify_ping_body(body: Any) -> PingResult:
     if body.get("success") is True and rtt is not None:
         return PingResult(SampleStatus.SUCCESS, rtt)
     return PingResult(SampleStatus.MISSED, None, "no reply")
-
-
-def valid_ip(target: str | None) -> str | None:
-    """The normalised address, or None: only a valid IP ever reaches a URL."""
-    if not target:
-        return None
-    try:
-        return str(ipaddress.ip_address(target.strip()))
-    except ValueError:
-        return None
 
 
 class LatencyApiPinger:
