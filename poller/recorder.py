@@ -56,7 +56,6 @@ class Recorder:
         metrics.buffered.set_function(lambda: len(self._buffer))
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
-        self.last_ok: float | None = None  # monotonic time of the last successful write
         self.last_error: str | None = None
         self.heartbeat = time.monotonic()
 
@@ -161,7 +160,6 @@ class Recorder:
         self._metrics.flushes.inc()
         self._metrics.written.inc(result.inserted)
         self._metrics.completed.inc(len(result.completed))
-        self.last_ok = time.monotonic()
         self.last_error = None
         self.progress.notify()
         return True
