@@ -8,11 +8,13 @@ import gc
 import logging
 import os
 import sys
+import threading
 
 from . import logs
 from .settings import SECRET_VARS, ConfigError, Settings
 
 EXIT_CONFIG = 2
+_OVERRUN_S = 3.0
 
 
 def _run() -> int:
@@ -32,13 +34,29 @@ def _run() -> int:
     from .service import Service
 
     async def main() -> int:
-        return await Service(settings).run()
+        return await Service(settings).run(on_stop=_exit_after)
 
     try:
         return asyncio.run(main())
     except IcmpUnavailable as exc:
         print(f"poller: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _exit_after(grace_s: float) -> None:
+    """The stop bounds every step by the grace; should one still hang (a client library
+    blocking the event loop), end the process a little after it rather than wait for the
+    kubelet's SIGKILL with no word in the logs."""
+
+    def hard_exit() -> None:
+        logging.getLogger("poller").error(
+            "stop overran its grace of %.1fs by %.0fs: exiting now", grace_s, _OVERRUN_S)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(grace_s + _OVERRUN_S, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def _migrate(database_url: str | None) -> int:

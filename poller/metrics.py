@@ -69,6 +69,10 @@ class Metrics:
             "soundcheck_poller_samples_dropped",
             "Samples dropped because the buffer was full during a database outage", registry=r,
         )
+        self.rejected = Counter(
+            "soundcheck_poller_samples_rejected",
+            "Samples set aside because the database rejected their values", registry=r,
+        )
         self.flushes = Counter(
             "soundcheck_poller_flushes", "Batch writes (one SQL API call each)", registry=r
         )

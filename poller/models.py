@@ -8,6 +8,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from uuid import UUID
 
+# The largest value samples.rtt_ms and jitter_ms (numeric(10,2)) hold. An "RTT" beyond it is
+# not a measurement; storing it would make the database reject the whole batch.
+MAX_RTT_MS = 99_999_999.99
+
 
 class SampleStatus(StrEnum):
     SUCCESS = "success"
@@ -27,17 +31,25 @@ class Job:
     last_ping_at: datetime | None = None
 
     @property
+    def schedulable(self) -> bool:
+        """A cadence and a duration of at least 1: otherwise there are no slots to ping.
+        Such a job gets one `system_error` sample (slot 0) and is completed at its end."""
+        return self.cadence_seconds >= 1 and self.duration_minutes >= 1
+
+    @property
     def ends_at(self) -> datetime:
-        return self.started_at + timedelta(minutes=self.duration_minutes)
+        return self.started_at + timedelta(minutes=max(0, self.duration_minutes))
 
     @property
     def slot_count(self) -> int:
         """Slots k with started_at + k·cadence before the end: seq 0 … slot_count-1."""
+        if not self.schedulable:
+            return 1
         return math.ceil(self.duration_minutes * 60 / self.cadence_seconds)
 
     def slot_due(self, k: int) -> float:
         """When slot k falls due, as a Unix timestamp."""
-        return self.started_at.timestamp() + k * self.cadence_seconds
+        return self.started_at.timestamp() + k * max(1, self.cadence_seconds)
 
 
 @dataclass(frozen=True, slots=True)

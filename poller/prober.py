@@ -2,9 +2,15 @@
 
 The scheduler calls `on_slot` from its loop. At most CONCURRENCY pings are out; further
 slots wait in a FIFO and start as answers come back. A slot that could not even start
-within the ping timeout of its due time (the poller is overloaded) is recorded as
-`system_error` instead of piling up without bound. No task per ping: the pinger calls
-back (see pingers/__init__.py).
+within the ping timeout of its due time (the poller is overloaded), or that the scheduler
+skipped after a stall, is recorded as `system_error` instead of piling up without bound.
+No task per ping: the pinger calls back (see pingers/__init__.py).
+
+Every started ping ends in exactly one sample, enforced here rather than trusted to the
+pinger: a ping is a `_Ping` that closes on its first answer and ignores any later one; a
+pinger that raises in `submit` gives a `system_error`; one that never calls back is timed
+out by a watchdog (PING_TIMEOUT_MS plus a grace), so a broken answer can never hold a
+CONCURRENCY slot for ever.
 """
 
 from __future__ import annotations
@@ -17,12 +23,33 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from .metrics import Metrics
-from .models import Sample, SampleStatus
+from .models import MAX_RTT_MS, Sample, SampleStatus
 from .pingers import Pinger, PingResult, system_error
 from .recorder import Recorder
 from .scheduler import JobState
 
 log = logging.getLogger("poller.prober")
+
+_WATCHDOG_GRACE_S = 1.0  # beyond the ping timeout, before a ping with no answer is closed
+_SWEEP_EVERY_S = 1.0
+
+
+class _Ping:
+    """One ping out: the callback handed to the pinger. Closes once."""
+
+    __slots__ = ("deadline", "open", "prober", "slot", "started", "state")
+
+    def __init__(self, prober: Prober, state: JobState, slot: int, started: float,
+                 deadline: float) -> None:
+        self.prober, self.state, self.slot = prober, state, slot
+        self.started, self.deadline, self.open = started, deadline, True
+
+    def __call__(self, result: PingResult) -> None:
+        if self.open:
+            self.open = False
+            self.prober._done(self, result)
+        else:
+            self.prober._late_answers += 1
 
 
 class Prober:
@@ -43,6 +70,10 @@ class Prober:
         self._timeout = timeout_s
         self._clock = clock
         self._queue: deque[tuple[JobState, int, float]] = deque()
+        # Pings out, oldest first: deadlines grow in submit order (one timeout for all).
+        self._out: deque[_Ping] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._late_answers = 0
         self._accepting = True
         self._idle = asyncio.Event()
         self._idle.set()
@@ -62,13 +93,19 @@ class Prober:
             return
         state.in_flight += 1
         if state.ip is None:
-            self._finish(state, slot, self._clock(),
-                         system_error(f"invalid target address {state.job.target_ip!r}"))
+            self._finish(state, slot, self._clock(), system_error(state.problem or "no target"))
         elif self.in_flight < self._limit:
             self._start(state, slot, due)
         else:
             self._queue.append((state, slot, due))
             self._idle.clear()
+
+    def on_skipped(self, state: JobState, slot: int, due: float) -> None:
+        """A slot passed over after a stall: recorded, not pinged."""
+        if not self._accepting:
+            return
+        state.in_flight += 1
+        self._finish(state, slot, due, system_error("not pinged: the poller fell behind"))
 
     def on_expired(self, state: JobState) -> None:
         if state.in_flight:
@@ -86,31 +123,68 @@ class Prober:
         self.in_flight += 1
         self._idle.clear()
         assert state.ip is not None
-        self._pinger.submit(state.ip, lambda result: self._done(state, slot, started, result))
+        ping = _Ping(self, state, slot, started,
+                     time.monotonic() + self._timeout + _WATCHDOG_GRACE_S)
+        self._out.append(ping)
+        if self._watchdog is None:
+            self._arm_watchdog()
+        try:
+            self._pinger.submit(state.ip, ping)
+        except Exception as exc:
+            log.exception("the pinger failed to start a ping")
+            # Never from inside submit's caller: _done starts queued pings, and a pinger that
+            # always raises would otherwise recurse once per queued slot.
+            asyncio.get_running_loop().call_soon(
+                ping, system_error(f"pinger error: {exc.__class__.__name__}"))
 
-    def _done(self, state: JobState, slot: int, started: float, result: PingResult) -> None:
+    def _done(self, ping: _Ping, result: PingResult) -> None:
         self.in_flight -= 1
-        self._finish(state, slot, started, result)
+        self._finish(ping.state, ping.slot, ping.started, result)
         while self._queue and self.in_flight < self._limit:
             self._start(*self._queue.popleft())
         if not self.in_flight and not self._queue:
             self._idle.set()
 
+    def _arm_watchdog(self) -> None:
+        # At least once a second, so answered pings leave the deque (and memory) soon.
+        delay = _SWEEP_EVERY_S
+        if self._out:
+            delay = min(delay, max(0.01, self._out[0].deadline - time.monotonic()))
+        self._watchdog = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close pings the pinger never answered; drop answered ones from the front."""
+        self._watchdog = None
+        now = time.monotonic()
+        while self._out and (not self._out[0].open or self._out[0].deadline <= now):
+            ping = self._out.popleft()
+            if ping.open:
+                log.error("job %s slot %d: the pinger gave no answer within the ping timeout",
+                          ping.state.job.id, ping.slot)
+                ping(system_error("the pinger gave no answer"))
+        if self._out and self._watchdog is None:
+            self._arm_watchdog()
+
     def _finish(self, state: JobState, slot: int, started: float, result: PingResult) -> None:
+        status, rtt = result.status, result.rtt_ms
+        if status is SampleStatus.SUCCESS and not (rtt is not None and 0 < rtt <= MAX_RTT_MS):
+            result = system_error(f"implausible round-trip time {rtt!r} ms")
+            status, rtt = result.status, None
         jitter = None
-        if result.status is SampleStatus.SUCCESS and result.rtt_ms is not None:
+        if status is SampleStatus.SUCCESS:
+            assert rtt is not None
             if state.last_rtt is not None:
-                jitter = abs(result.rtt_ms - state.last_rtt)
-            state.last_rtt = result.rtt_ms
-            self._metrics.rtt.observe(result.rtt_ms / 1000)
-        self._count[result.status].inc()
-        if result.status is SampleStatus.SYSTEM_ERROR:
+                jitter = abs(rtt - state.last_rtt)
+            state.last_rtt = rtt
+            self._metrics.rtt.observe(rtt / 1000)
+        self._count[status].inc()
+        if status is SampleStatus.SYSTEM_ERROR:
             log.debug("job %s slot %d: system_error: %s", state.job.id, slot, result.detail)
         self._recorder.add(Sample(
             job_id=state.job.id,
             sequence_number=slot,
-            status=result.status,
-            rtt_ms=result.rtt_ms,
+            status=status,
+            rtt_ms=rtt,
             jitter_ms=jitter,
             recorded_at=datetime.fromtimestamp(started, UTC),
         ))
@@ -136,4 +210,7 @@ class Prober:
             except TimeoutError:
                 log.warning("shutdown: abandoned %d pings still out after %.1fs",
                             self.in_flight, timeout_s)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         return self.in_flight

@@ -10,7 +10,12 @@ Rules that keep samples exact:
 - a slot is dispatched at most once per process, even if its job leaves and comes back;
 - a job first seen after its start resumes at the next future slot (past slots are never
   invented), except that a job never pinged at all (`last_ping_at` null) gets slot 0 late
-  rather than lose its first sample to sync delay.
+  rather than lose its first sample to sync delay;
+- after a stall (a GC pause, a frozen process) a job's overdue slots are not all pinged at
+  once: each slot whose successor is already due too goes to `on_skipped` (recorded as
+  `system_error`), and only the newest is pinged: at most one catch-up ping per job;
+- a job that cannot be scheduled (cadence or duration below 1, see `Job.schedulable`) gets
+  slot 0 only, and its end.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from .models import Job
-from .pingers import valid_ip
+from .targets import TargetPolicy
 
 _MAX_IDLE_S = 1.0  # wake at least this often, so /health sees the loop turning
 _YIELD_EVERY = 500  # dispatches between yields to the event loop in a burst
@@ -34,7 +39,8 @@ _UPDATE_CHUNK = 2000  # jobs per step of a sync's update
 @dataclass(slots=True)
 class JobState:
     job: Job
-    ip: str | None  # validated address, None when the target is missing or invalid
+    ip: str | None  # the address to ping; None when the job cannot be pinged …
+    problem: str | None  # … and this says why (recorded as system_error)
     next_slot: int
     generation: int
     last_rtt: float | None = None
@@ -45,6 +51,8 @@ class JobState:
 
 def first_slot(job: Job, now: float) -> int:
     """The first slot to ping for a job seen now for the first time."""
+    if not job.schedulable:
+        return 0 if job.last_ping_at is None else 1
     start = job.started_at.timestamp()
     k = max(0, math.ceil((now - start) / job.cadence_seconds))
     if k == 1 and job.last_ping_at is None:
@@ -63,9 +71,14 @@ class Scheduler:
         on_slot: Callable[[JobState, int, float], None],
         on_expired: Callable[[JobState], None],
         clock: Callable[[], float] = time.time,
+        *,
+        on_skipped: Callable[[JobState, int, float], None] | None = None,
+        policy: TargetPolicy | None = None,
     ) -> None:
         self._on_slot = on_slot
         self._on_expired = on_expired
+        self._on_skipped = on_skipped or on_slot
+        self._policy = policy or TargetPolicy()
         self._clock = clock
         self._jobs: dict[UUID, JobState] = {}
         # Last slot dispatched for jobs that left the owned set, until they end: a job that
@@ -89,7 +102,7 @@ class Scheduler:
         pings that fall due meanwhile (the heap stays valid between chunks).
         """
         now = self._clock()
-        incoming = {j.id: j for j in jobs if j.cadence_seconds > 0 and j.duration_minutes > 0}
+        incoming = {j.id: j for j in jobs}
         for job_id in self._jobs.keys() - incoming.keys():
             state = self._jobs.pop(job_id)
             self._departed[job_id] = (state.job, state.next_slot - 1)
@@ -100,7 +113,8 @@ class Scheduler:
             state = self._jobs.get(job_id)
             if state is not None and _same_slots(state.job, job):
                 if state.job.target_ip != job.target_ip:
-                    state.job, state.ip = job, valid_ip(job.target_ip)
+                    state.job = job
+                    state.ip, state.problem = self._target(job)
                 if state.expired and state.in_flight == 0 and not state.complete_when_idle:
                     # Still running after we asked to complete it (write failed, clock skew):
                     # ask again.
@@ -119,16 +133,23 @@ class Scheduler:
             k = max(k, departed[1] + 1)
         self._generation += 1
         if state is None:
-            state = JobState(job, valid_ip(job.target_ip), k, self._generation)
+            state = JobState(job, *self._target(job), k, self._generation)
             self._jobs[job.id] = state
         else:
             # Its slots changed (an edited job): update the same object, which pings in
             # flight hold, and let the new generation void the old heap entries.
             if state.job.started_at == job.started_at:
                 k = max(k, state.next_slot)
-            state.job, state.ip, state.next_slot = job, valid_ip(job.target_ip), k
+            state.job, state.next_slot = job, k
+            state.ip, state.problem = self._target(job)
             state.generation, state.expired = self._generation, False
         self._push_next(state)
+
+    def _target(self, job: Job) -> tuple[str | None, str | None]:
+        if not job.schedulable:
+            return None, (f"cannot schedule: cadence_seconds={job.cadence_seconds} and "
+                          f"duration_minutes={job.duration_minutes} must both be at least 1")
+        return self._policy.check(job.target_ip)
 
     def _push(self, due: float, state: JobState, slot: int) -> None:
         self._order += 1
@@ -161,7 +182,11 @@ class Scheduler:
                 if slot != state.next_slot:
                     continue
                 state.next_slot += 1
-                self._on_slot(state, slot, due)
+                if state.next_slot < state.job.slot_count and \
+                        state.job.slot_due(state.next_slot) <= now:
+                    self._on_skipped(state, slot, due)  # behind: ping only the newest
+                else:
+                    self._on_slot(state, slot, due)
                 self._push_next(state)
                 dispatched += 1
                 if dispatched % _YIELD_EVERY == 0:

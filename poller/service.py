@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,16 +29,33 @@ from .scheduler import Scheduler
 from .settings import Settings
 from .store import (
     API_VERSION,
-    TOPOLOGY_API_VERSION,
+    Applied,
     Store,
+    StoreError,
     StoreMisconfigured,
-    StoreUnavailable,
     check_api_version,
+    raise_if_cancelling,
+    read_jobs,
 )
+from .targets import TargetPolicy, parse_networks
 
 log = logging.getLogger("poller")
 
 _STUCK_S = 10.0  # a loop that has not turned for this long (beyond its own waits) is stuck
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _bounded(aw: Any, timeout_s: float) -> None:
+    """Await a clean-up step for at most `timeout_s`; a step that fails is logged, not
+    raised, so the steps after it still run."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await aw
+    except Exception:
+        log.warning("stopping: a clean-up step did not finish", exc_info=True)
 
 
 def make_store(settings: Settings) -> Store:
@@ -91,8 +109,12 @@ class Service:
             self.pinger, self.recorder, self.metrics,
             concurrency=s.concurrency, timeout_s=s.ping_timeout_ms / 1000,
         )
-        self.scheduler = Scheduler(self.prober.on_slot, self.prober.on_expired)
+        self.scheduler = Scheduler(self.prober.on_slot, self.prober.on_expired,
+                                   on_skipped=self.prober.on_skipped,
+                                   policy=TargetPolicy(parse_networks(s.target_deny)))
         self.replica_counts = [s.replica_count]
+        self.applied = Applied()  # the fleet topology the scheduler has taken up
+        self.crashed = False
         self.stopping = asyncio.Event()
         self.first_sync_done = False
         self.last_sync_ok: float | None = None  # monotonic
@@ -122,25 +144,32 @@ class Service:
         }
 
     async def stop(self) -> bool:
-        """Graceful stop within SHUTDOWN_GRACE_MS; True when every sample was written."""
+        """Graceful stop within SHUTDOWN_GRACE_MS, whatever the database does (refuses,
+        hangs, is frozen); True when every sample was written."""
         self.stopping.set()  # /ready answers 503 from here on
         deadline = time.monotonic() + self.settings.shutdown_grace_ms / 1000
         log.info("stopping: no new pings; finishing %d out, %d samples buffered",
                  self.prober.pending, self.recorder.buffered)
         self.scheduler.stop()
-        for name in ("sync", "scheduler", "recorder"):
-            task = self._tasks.get(name)
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # A call stuck in a client library may ignore its cancellation for a while: wait
+            # a bounded time, then close the store under it (below), which ends it.
+            _, stuck = await asyncio.wait(tasks, timeout=max(0.1, _left(deadline) / 4))
+            if stuck:
+                log.warning("stopping: %s still finishing, closing under them",
+                            ", ".join(sorted(t.get_name() for t in stuck)))
         # Leave at least a third of the grace for the final writes.
-        grace_left = deadline - time.monotonic()
-        await self.prober.drain(min(grace_left * 2 / 3, self.settings.ping_timeout_ms / 1000 + 1))
+        await self.prober.drain(min(_left(deadline) * 2 / 3,
+                                    self.settings.ping_timeout_ms / 1000 + 1))
         complete = await self.recorder.drain(deadline)
-        await self.pinger.close()
-        await self.store.close()
+        await _bounded(self.pinger.close(), 1.0)
+        await _bounded(self.store.close(), max(0.5, _left(deadline)))
+        await asyncio.wait(tasks, timeout=1.0)
         if self._runner is not None:
-            await self._runner.cleanup()
+            await _bounded(self._runner.cleanup(), 1.0)
         pings = sum(self.metrics.value("soundcheck_poller_pings_total", {"status": st.value})
                     for st in SampleStatus)
         log.info("stopped: %s; %d pings made, %d samples inserted",
@@ -148,18 +177,23 @@ class Service:
                  self.metrics.value("soundcheck_poller_samples_written_total"))
         return complete
 
-    async def run(self) -> int:
-        """Start, wait for SIGTERM/SIGINT, stop. The process exit code."""
+    async def run(self, on_stop: Callable[[float], None] | None = None) -> int:
+        """Start, wait for SIGTERM/SIGINT, stop. The process exit code.
+
+        `on_stop(grace_s)` is called as the stop begins (the entry point arms a last-resort
+        exit with it, for a stop that overruns its grace despite every bound here)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.start()
         crashed = asyncio.create_task(self._watch_tasks())
         await self.stopping.wait()
+        if on_stop is not None:
+            on_stop(self.settings.shutdown_grace_ms / 1000)
         crashed.cancel()
         await asyncio.gather(crashed, return_exceptions=True)
         ok = await self.stop()
-        return 0 if ok else 1
+        return 0 if ok and not self.crashed else 1
 
     async def _watch_tasks(self) -> None:
         """A loop that dies is a bug: log it and stop (flushing) rather than limp on."""
@@ -167,6 +201,9 @@ class Service:
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.error("%s loop crashed", task.get_name(), exc_info=task.exception())
+            else:
+                log.error("%s loop ended on its own", task.get_name())
+        self.crashed = True  # the exit code says so: a restart, and a look at the logs
         self.stopping.set()
 
     # Sync --------------------------------------------------------------------------------
@@ -178,37 +215,44 @@ class Service:
             self.sync_heartbeat = time.monotonic()
             try:
                 if not api_checked:
-                    needed = TOPOLOGY_API_VERSION if self.settings.fleet_name else API_VERSION
-                    check_api_version(await self.store.api_version(), needed)
+                    check_api_version(await self.store.api_version(), API_VERSION)
                     api_checked = True
                 await self.sync_once()
             except StoreMisconfigured as exc:
                 self.sync_error = str(exc)
                 self.metrics.sync_errors.inc()
                 self._say(logging.ERROR, "misconfigured", "cannot sync jobs: %s", exc)
-            except StoreUnavailable as exc:
+                raise_if_cancelling()
+            except StoreError as exc:
                 self.sync_error = str(exc)
                 self.metrics.sync_errors.inc()
                 self._say(logging.WARNING, "unavailable",
                           "sync failed, keeping the %d jobs known: %s",
                           len(self.scheduler.jobs), exc)
+                raise_if_cancelling()
             self.progress.notify()
             await asyncio.sleep(interval)
 
     async def sync_once(self) -> None:
         s = self.settings
         if s.fleet_name:
-            # The topology comes with the jobs, and this sync is our heartbeat.
-            synced = await self.store.sync_fleet(s.fleet_name, s.replica_id,
-                                                 len(self.scheduler.jobs), __version__)
+            # The topology comes with the first page, and this sync is our heartbeat: it
+            # reports the topology applied by the previous sync, never the one served now.
+            synced = await self.store.fleet_sync(s.fleet_name, s.replica_id, self.applied,
+                                                 len(self.scheduler.jobs), __version__,
+                                                 s.sync_page_size)
             if list(synced.counts) != self.replica_counts:
                 log.info("topology %s (epoch %d): replica %d now owns its share under it",
                          "+".join(map(str, synced.counts)), synced.epoch, s.replica_id)
                 self.replica_counts = list(synced.counts)
-            jobs = synced.jobs
+            jobs = await read_jobs(self.store, s.replica_id, synced.counts, s.sync_page_size,
+                                   synced.first)
+            await self.scheduler.update(jobs)
+            self.applied = Applied(synced.epoch, synced.counts)
         else:
-            jobs = await self.store.sync_jobs(s.replica_id, self.replica_counts)
-        await self.scheduler.update(jobs)
+            jobs = await read_jobs(self.store, s.replica_id, self.replica_counts,
+                                   s.sync_page_size)
+            await self.scheduler.update(jobs)
         if not self.first_sync_done or self.sync_error:
             log.info("synced: %d jobs owned", len(self.scheduler.jobs))
         self.first_sync_done = True

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from .partition import ordinal_from_hostname
+from .targets import DEFAULT_DENY, parse_networks
 
 SECRET_VARS = frozenset({"DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"})
 
@@ -48,11 +49,15 @@ class Settings(BaseModel):
     latency_api_group: str = Field("Sound Check", min_length=1, alias="LATENCY_API_GROUP")
     ping_timeout_ms: int = Field(10_000, ge=100, alias="PING_TIMEOUT_MS")
     concurrency: int = Field(50, ge=1, le=100_000, alias="CONCURRENCY")
+    # Networks no job may target (README, "Targets"); `none` allows every address.
+    target_deny: str = Field(",".join(DEFAULT_DENY), alias="TARGET_DENY")
 
     # Sync, batching, buffering.
     poll_interval_ms: int = Field(5_000, ge=100, alias="POLL_INTERVAL_MS")
     batch_flush_interval_ms: int = Field(2_000, ge=10, alias="BATCH_FLUSH_INTERVAL_MS")
     batch_size: int = Field(100, ge=1, le=50_000, alias="BATCH_SIZE")
+    # Jobs per page of a sync (each page is one call and one JSON value).
+    sync_page_size: int = Field(10_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
     max_buffered_samples: int = Field(200_000, ge=1, alias="MAX_BUFFERED_SAMPLES")
     retry_max_backoff_ms: int = Field(30_000, ge=100, alias="RETRY_MAX_BACKOFF_MS")
 
@@ -83,9 +88,7 @@ class Settings(BaseModel):
                 "SUPABASE_SERVICE_ROLE_KEY"
             )
         if has_pg:
-            scheme = urlsplit(self.database_url.get_secret_value()).scheme  # type: ignore[union-attr]
-            if scheme not in ("postgres", "postgresql"):
-                raise ValueError("DATABASE_URL: must start with postgresql:// or postgres://")
+            _check_database_url(self.database_url.get_secret_value())  # type: ignore[union-attr]
         if has_sb:
             if not self.supabase_url:
                 raise ValueError("SUPABASE_URL: required with SUPABASE_SERVICE_ROLE_KEY")
@@ -93,6 +96,10 @@ class Settings(BaseModel):
                 raise ValueError("SUPABASE_SERVICE_ROLE_KEY: required with SUPABASE_URL")
             _check_http_url("SUPABASE_URL", self.supabase_url)
         _check_http_url("LATENCY_API_URL", self.latency_api_url)
+        try:
+            parse_networks(self.target_deny)
+        except ValueError as exc:
+            raise ValueError(f"TARGET_DENY: {exc}") from None
         if self.fleet_name is None and self.replica_id >= self.replica_count:
             raise ValueError(
                 f"REPLICA_ID: {self.replica_id} is not below REPLICA_COUNT={self.replica_count}"
@@ -115,6 +122,24 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+
+
+def _check_database_url(dsn: str) -> None:
+    """What would otherwise fail only at the first connection, named without the value."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("DATABASE_URL: must start with postgresql:// or postgres://")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError("DATABASE_URL: the port is not a number from 1 to 65535") from None
+    if parts.port == 0:
+        raise ValueError("DATABASE_URL: the port is not a number from 1 to 65535")
+    # Several hosts (host1:5432,host2:5433) are allowed; each port must be a number.
+    for hostport in parts.netloc.rpartition("@")[2].split(","):
+        port = hostport.rpartition("]")[2].rpartition(":")[2] if ":" in hostport else ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("DATABASE_URL: the port is not a number from 1 to 65535")
 
 
 def _check_http_url(name: str, value: str) -> None:

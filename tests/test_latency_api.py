@@ -148,7 +148,7 @@ async def test_prober_bounds_requests_in_flight(standin: LatencyStandIn) -> None
     await pinger.start()
     prober = Prober(pinger, recorder, metrics, concurrency=4, timeout_s=5)
     job = Job(uuid4(), "127.0.0.5", 1, 60, datetime.now(UTC))
-    state = JobState(job, "127.0.0.5", 0, 1)
+    state = JobState(job, "127.0.0.5", None, 0, 1)
     for k in range(40):
         prober.on_slot(state, k, time.time())
     async with asyncio.timeout(10):

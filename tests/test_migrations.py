@@ -12,7 +12,7 @@ import pytest
 
 from poller.localpg import LocalPostgres
 from poller.migrate import MigrationError, migrate, migrations
-from poller.store import TOPOLOGY_API_VERSION
+from poller.store import API_VERSION
 
 APP_SCHEMA = (Path(__file__).parent / "sql" / "app_schema.sql").read_text()
 
@@ -36,7 +36,7 @@ async def test_fresh_database_gets_the_sound_check_shape(fresh_db: str) -> None:
         tables = {r["tablename"]: r["rowsecurity"] for r in await conn.fetch(
             "select tablename, rowsecurity from pg_tables where schemaname = 'public'")}
         assert all(tables[t] for t in ("jobs", "samples", "sample_rollups", "alerts"))
-        assert await conn.fetchval("select poller_api_version()") == TOPOLOGY_API_VERSION
+        assert await conn.fetchval("select poller_api_version()") == API_VERSION
         with pytest.raises(asyncpg.CheckViolationError):  # the app's target check holds
             await conn.execute(
                 "insert into jobs (account_number, reason, notification_email, requester_id,"
@@ -102,14 +102,17 @@ async def test_duplicate_samples_stop_with_instructions(fresh_db: str) -> None:
         text = str(err.value)
         assert "1 duplicated (job_id, sequence_number) pairs" in text
         assert "DELETE FROM samples" in text  # says what to do
-        # Nothing of the failed migration was kept; the earlier one was.
-        assert not await conn.fetchval("select to_regproc('poller_api_version') is not null")
+        # The migrations before it were kept; the unique key was not built, and nothing
+        # after it ran; no row was touched.
+        assert not await conn.fetchval(
+            "select to_regclass('samples_job_id_sequence_number_key') is not null")
+        assert await conn.fetchval("select poller_api_version()") == 3
         assert await conn.fetchval("select count(*) from samples") == 3
         # Following the hint unblocks it.
         hint = text.split("hint: ", 1)[1]
         await conn.execute(hint.split("run the migration again: ", 1)[1])
         await migrate(fresh_db)
-        assert await conn.fetchval("select poller_api_version()") == TOPOLOGY_API_VERSION
+        assert await conn.fetchval("select poller_api_version()") == API_VERSION
     finally:
         await conn.close()
 

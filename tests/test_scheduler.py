@@ -75,10 +75,50 @@ async def test_a_job_that_leaves_and_returns_never_repeats_a_slot() -> None:
     assert s.jobs[a.id].next_slot == 6
 
 
-async def test_jobs_with_invalid_cadence_or_duration_are_ignored() -> None:
-    s, _, _ = _sched(0)
-    await s.update([job(cadence=0), job(minutes=0)])
-    assert s.jobs == {}
+async def _run_until(s: Scheduler, done: asyncio.Event) -> None:
+    task = asyncio.create_task(s.run())
+    try:
+        async with asyncio.timeout(5):
+            await done.wait()
+    finally:
+        s.stop()
+        await task
+
+
+async def test_a_job_that_cannot_be_scheduled_gets_one_slot_and_its_end() -> None:
+    # What a user expects of cadence 0 or duration 0: a system_error sample that says why,
+    # and the job completed at its end (at once for duration 0), not running for ever.
+    calls: list[tuple[str, object, int]] = []
+    done = asyncio.Event()
+
+    def note(kind: str, st: JobState, k: int = -1) -> None:
+        calls.append((kind, st.job.id, k))
+        if len(calls) == 3:
+            done.set()
+
+    s = Scheduler(lambda st, k, due: note("slot", st, k), lambda st: note("end", st),
+                  clock=lambda: at(5))
+    no_cadence, no_duration = job(cadence=0), job(minutes=0)
+    await s.update([no_cadence, no_duration])
+    for j in (no_cadence, no_duration):
+        assert s.jobs[j.id].ip is None and "at least 1" in (s.jobs[j.id].problem or "")
+    await _run_until(s, done)
+    assert sorted(calls, key=str) == sorted([
+        ("slot", no_cadence.id, 0), ("slot", no_duration.id, 0), ("end", no_duration.id, -1),
+    ], key=str)  # no_cadence ends at T0 + 5 min, later
+
+
+async def test_after_a_stall_only_the_newest_overdue_slot_is_pinged() -> None:
+    now = [at(5)]
+    pinged: list[int] = []
+    skipped: list[int] = []
+    done = asyncio.Event()
+    s = Scheduler(lambda st, k, due: (pinged.append(k), done.set()), lambda st: None,
+                  clock=lambda: now[0], on_skipped=lambda st, k, due: skipped.append(k))
+    await s.update([job(cadence=10, last_ping=T0)])  # slot 1 next, due at +10
+    now[0] = at(35)  # a 30 s stall: slots 1, 2 and 3 are all due
+    await _run_until(s, done)
+    assert skipped == [1, 2] and pinged == [3]
 
 
 async def test_an_invalid_target_is_kept_with_no_address() -> None:

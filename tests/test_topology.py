@@ -81,6 +81,9 @@ async def test_pollers_follow_the_published_topology_without_restarting(
             await a.progress.wait_for(lambda: cond(a))
             await b.progress.wait_for(lambda: cond(b))
 
+    def count(svc: Service) -> float:
+        return svc.metrics.value("soundcheck_poller_syncs_total")
+
     def owned(svc: Service) -> set[object]:
         return set(svc.scheduler.jobs)
 
@@ -94,7 +97,12 @@ async def test_pollers_follow_the_published_topology_without_restarting(
         await publish(conn, [2])
         await both(lambda s: s.replica_counts == [2])
         assert owned(a) | owned(b) == set(ids) and not owned(a) & owned(b)  # a partition
+        # Heartbeats report the topology applied (by the previous sync), so epoch 3 shows
+        # from the sync after the one that took it up.
+        syncs = (count(a), count(b))
+        await both(lambda s: count(s) >= syncs[s is b] + 1)
         state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))
-        assert {(r["replica_id"], r["epoch"]) for r in state["replicas"]} == {(0, 3), (1, 3)}
+        assert {(r["replica_id"], r["epoch"], tuple(r["counts"])) for r in state["replicas"]
+                } == {(0, 3, (2,)), (1, 3, (2,))}
     finally:
         assert await a.stop() and await b.stop()

@@ -13,7 +13,7 @@ import os
 from poller.service import make_store
 from poller.settings import ConfigError, Settings
 from poller.store import (
-    TOPOLOGY_API_VERSION,
+    OPERATOR_API_VERSION,
     FleetState,
     Store,
     StoreMisconfigured,
@@ -36,7 +36,7 @@ async def _opened() -> Store:
         store = make_store(settings)
         await store.open()
         try:
-            check_api_version(await store.api_version(), TOPOLOGY_API_VERSION)
+            check_api_version(await store.api_version(), OPERATOR_API_VERSION)
         except BaseException:
             await store.close()
             raise

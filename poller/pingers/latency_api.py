@@ -5,6 +5,11 @@ Routes: `GET {base}/latency/{group}/{ip}/` → `{elapsed, error, expected, ip, p
 One aiohttp session whose connection pool matches CONCURRENCY. The caller (the prober)
 bounds pings in flight to the same number, so the per-request timeout covers the request
 only, never a wait for a free connection.
+
+Whatever the API answers (invalid UTF-8, JSON nested past the recursion limit, a body of
+megabytes, a number too large for any column, a truncated body, a reset), each ping ends
+in exactly one classified result: bodies are read up to MAX_BODY_BYTES, and any failure
+to read or understand one is a `system_error`.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from urllib.parse import quote
 
 import aiohttp
 
-from ..models import SampleStatus
+from ..models import MAX_RTT_MS, SampleStatus
 from . import Done, PingResult, system_error, valid_ip
+
+MAX_BODY_BYTES = 64 * 1024  # an answer is ~100 bytes; anything near this is not one
 
 # Error texts that mean "the target did not answer" rather than "the check itself failed".
 _MISSED_WORDS = ("timeout", "unreachable", "no reply", "host down")
 
 
 def classify_error_text(error: str) -> PingResult:
+    error = error[:500]
     lowered = error.lower()
     if any(word in lowered for word in _MISSED_WORDS):
         return PingResult(SampleStatus.MISSED, None, error)
@@ -47,7 +55,9 @@ def classify_latency_body(body: Any) -> PingResult:
         return classify_error_text(str(error))
     elapsed = body.get("elapsed")
     if elapsed is not None and (isinstance(elapsed, bool) or not isinstance(elapsed, int | float)):
-        return system_error(f"non-numeric elapsed: {elapsed!r}")
+        return system_error(f"non-numeric elapsed: {str(elapsed)[:100]!r}")
+    if elapsed is not None and not (math.isfinite(elapsed) and elapsed <= MAX_RTT_MS):
+        return system_error(f"implausible elapsed: {elapsed!r}")
     rtt = _positive_number(elapsed)
     if rtt is not None:
         return PingResult(SampleStatus.SUCCESS, rtt)
@@ -62,6 +72,8 @@ def classify_ping_body(body: Any) -> PingResult:
     if error:
         return classify_error_text(str(error))
     rtt = _positive_number(body.get("rtt_ms"))
+    if rtt is not None and rtt > MAX_RTT_MS:
+        return system_error(f"implausible rtt_ms: {rtt!r}")
     if body.get("success") is True and rtt is not None:
         return PingResult(SampleStatus.SUCCESS, rtt)
     return PingResult(SampleStatus.MISSED, None, "no reply")
@@ -110,9 +122,14 @@ class LatencyApiPinger:
     async def _run(self, ip: str, done: Done) -> None:
         addr = valid_ip(ip)
         if addr is None:
-            done(system_error(f"invalid target address {ip!r}"))
+            result = system_error(f"invalid target address {ip!r}")
         else:
-            done(await self._request(addr))
+            try:
+                result = await self._request(addr)
+            except Exception as exc:  # never leave a ping without its one result
+                result = system_error(f"latency API answer not understood: "
+                                      f"{exc.__class__.__name__}")
+        done(result)
 
     async def _request(self, addr: str) -> PingResult:
         assert self._session is not None
@@ -127,13 +144,28 @@ class LatencyApiPinger:
             async with resp_cm as resp:
                 if not 200 <= resp.status < 300:
                     return system_error(f"latency API answered HTTP {resp.status}")
-                text = await resp.text()
+                raw = await _read_capped(resp)
         except TimeoutError:
             return system_error("latency API did not answer in time")
         except aiohttp.ClientError as exc:
             return system_error(f"latency API unreachable: {exc.__class__.__name__}")
+        if raw is None:
+            return system_error(f"latency API sent a body over {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(text)
-        except ValueError:
-            return system_error("latency API sent a body that is not JSON")
+            body = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return system_error("latency API sent a body that is not JSON in UTF-8")
         return classify(body)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The body, or None past MAX_BODY_BYTES (read no further than that)."""
+    if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(16 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

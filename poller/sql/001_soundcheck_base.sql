@@ -5,6 +5,10 @@
 -- creates the same shape the poller works against: enum types, the app's NOT NULL columns,
 -- the target check and row level security. Nothing here drops or rewrites data.
 
+-- Waiting for a lock behind the app's long transactions would block the app's queries
+-- queued behind us: give up instead (run it again later).
+set local lock_timeout = '5s';
+
 create table if not exists soundcheck_migrations (
     version    int primary key,
     name       text not null,
@@ -89,10 +93,21 @@ create table if not exists alerts (
     delivery_status text
 );
 
-alter table jobs enable row level security;
-alter table samples enable row level security;
-alter table sample_rollups enable row level security;
-alter table alerts enable row level security;
+-- Only where it is off: ALTER TABLE takes an ACCESS EXCLUSIVE lock even when row level
+-- security is already on, which on the app's live database would queue behind any long
+-- transaction and block every reader behind it.
+do $$
+declare
+    v_table regclass;
+begin
+    foreach v_table in array array['jobs', 'samples', 'sample_rollups', 'alerts',
+                                   'soundcheck_migrations']::regclass[] loop
+        if not (select relrowsecurity from pg_class where oid = v_table) then
+            execute format('alter table %s enable row level security', v_table);
+        end if;
+    end loop;
+end
+$$;
 
 -- Created only when the app has not defined it: the app's own version wins.
 do $$
@@ -101,6 +116,7 @@ begin
         create function create_job_rollups(p_job_id uuid, p_bucket_minutes int default 5)
         returns int
         language plpgsql
+        set search_path = public, pg_temp
         as $fn$
         declare
             v_count int;
@@ -129,6 +145,8 @@ begin
             return v_count;
         end
         $fn$;
+        -- Marks it as ours, so 006_lock_down.sql restricts it like the poller's functions.
+        comment on function create_job_rollups(uuid, integer) is 'soundcheck-poller';
     end if;
 end
 $$;

@@ -1,4 +1,5 @@
--- The poller's SQL API, version 1. Additive: new functions and indexes only.
+-- The poller's SQL API, version 1. Additive: new functions only.
+set local lock_timeout = '5s';
 --
 -- The poller (and the operator) call only these functions, over asyncpg or as PostgREST
 -- RPCs (POST /rest/v1/rpc/<name>), so both transports behave the same.
@@ -9,6 +10,7 @@
 create or replace function soundcheck_bucket(p_job_id uuid)
 returns int
 language sql immutable strict parallel safe
+set search_path = public, pg_temp
 as $$
     select ((('x' || substr(md5(lower(p_job_id::text)), 1, 8))::bit(32)::bigint) % 1024)::int
 $$;
@@ -18,6 +20,7 @@ $$;
 create or replace function soundcheck_jump_hash(p_key bigint, p_buckets int)
 returns int
 language plpgsql immutable strict parallel safe
+set search_path = public, pg_temp
 as $$
 declare
     k numeric := p_key;
@@ -43,6 +46,7 @@ $$;
 create or replace function soundcheck_owned_buckets(p_replica_id int, p_replica_counts int[])
 returns int[]
 language plpgsql immutable strict parallel safe
+set search_path = public, pg_temp
 as $$
 declare
     v_n int;
@@ -70,48 +74,19 @@ begin
 end
 $$;
 
--- Schema additions the poller needs -------------------------------------------------------
-
--- One row per (job, slot): any replica pinging slot k writes the same key, so a duplicate
--- is absorbed by ON CONFLICT and a gap stays visible.
-do $$
-declare
-    v_dupes bigint;
-begin
-    if exists (
-        select 1
-        from pg_index i
-        where i.indrelid = 'samples'::regclass and i.indisunique and i.indpred is null
-          and (select array_agg(a.attname::text order by k.ord)
-               from unnest(i.indkey) with ordinality as k(attnum, ord)
-               join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum)
-              = array['job_id', 'sequence_number']
-    ) then
-        return;
-    end if;
-    select count(*) into v_dupes
-    from (select 1 from samples group by job_id, sequence_number having count(*) > 1) as d;
-    if v_dupes > 0 then
-        raise exception
-            'samples holds % duplicated (job_id, sequence_number) pairs, so the unique key the poller needs cannot be added',
-            v_dupes
-            using hint = 'Keep one row of each pair, then run the migration again: '
-                || 'DELETE FROM samples s USING samples t WHERE s.job_id = t.job_id '
-                || 'AND s.sequence_number = t.sequence_number AND (s.recorded_at, s.id) > (t.recorded_at, t.id);';
-    end if;
-    create unique index samples_job_id_sequence_number_key on samples (job_id, sequence_number);
-end
-$$;
-
-create index if not exists jobs_running_real_polling_idx
-    on jobs (id) where status = 'running' and monitoring_mode = 'real_polling';
+-- The unique key on samples (job_id, sequence_number) and the index of running jobs are
+-- built by 005_online_indexes.sql, concurrently, outside a transaction: building them here
+-- would block the app's writes to samples and jobs for as long as the build takes.
 
 -- The API ---------------------------------------------------------------------------------
 
-create or replace function poller_api_version()
-returns int
-language sql immutable
-as $$ select 1 $$;
+-- Created only where absent: pasting this file again must not lower a newer version.
+do $$ begin
+    if to_regprocedure('poller_api_version()') is null then
+        create function poller_api_version() returns int language sql immutable
+            set search_path = public, pg_temp as 'select 1';
+    end if;
+end $$;
 
 -- The running real_polling jobs that replica p_replica_id owns under p_replica_counts.
 create or replace function poller_sync_jobs(p_replica_id int, p_replica_counts int[])
@@ -119,6 +94,7 @@ returns table (
     id uuid, target_ip text, cadence_seconds int, duration_minutes int,
     started_at timestamptz, last_ping_at timestamptz)
 language plpgsql stable
+set search_path = public, pg_temp
 as $$
 #variable_conflict use_column
 declare
@@ -151,6 +127,7 @@ create or replace function poller_record_batch(
     p_complete_job_ids uuid[] default '{}')
 returns jsonb
 language plpgsql
+set search_path = public, pg_temp
 as $$
 declare
     v_n int := coalesce(cardinality(p_job_ids), 0);
@@ -201,38 +178,8 @@ begin
 end
 $$;
 
--- Only the service role (and owners/superusers) may call the API: on Supabase, functions in
--- public are otherwise executable by the anon and authenticated roles through PostgREST.
--- Later migrations call this for the functions they add.
-create or replace function soundcheck_restrict_to_service_role(p_functions text[])
-returns void
-language plpgsql
-as $$
-declare
-    v_fn text;
-    v_role text;
-begin
-    foreach v_fn in array p_functions loop
-        execute format('revoke all on function %s from public', v_fn);
-        foreach v_role in array array['anon', 'authenticated'] loop
-            if exists (select 1 from pg_roles where rolname = v_role) then
-                execute format('revoke all on function %s from %I', v_fn, v_role);
-            end if;
-        end loop;
-        if exists (select 1 from pg_roles where rolname = 'service_role') then
-            execute format('grant execute on function %s to service_role', v_fn);
-        end if;
-    end loop;
-end
-$$;
-
-revoke all on function soundcheck_restrict_to_service_role(text[]) from public;
-
-select soundcheck_restrict_to_service_role(array[
-    'poller_api_version()',
-    'poller_sync_jobs(int, int[])',
-    'poller_record_batch(uuid[], int[], text[], float8[], float8[], timestamptz[], uuid[])'
-]);
+-- Who may call these (the service role only) is settled by 006_lock_down.sql, which every
+-- later migration re-applies.
 
 insert into soundcheck_migrations (version, name)
 values (2, '002_poller_api') on conflict (version) do nothing;

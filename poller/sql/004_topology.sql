@@ -1,5 +1,6 @@
 -- SQL API version 3: fleet topology and heartbeats, so a fleet changes size without gaps.
 -- Additive; pollers without FLEET_NAME keep using poller_sync_jobs.
+set local lock_timeout = '5s';
 
 create table if not exists poller_topology (
     fleet      text primary key,
@@ -27,6 +28,7 @@ alter table poller_heartbeats enable row level security;
 create or replace function poller_publish_topology(p_fleet text, p_counts int[])
 returns bigint
 language plpgsql
+set search_path = public, pg_temp
 as $$
 declare
     v_epoch bigint;
@@ -54,6 +56,7 @@ create or replace function poller_sync_fleet(p_fleet text, p_replica_id int, p_o
                                              p_version text)
 returns jsonb
 language plpgsql
+set search_path = public, pg_temp
 as $$
 declare
     v_counts int[];
@@ -82,6 +85,7 @@ $$;
 create or replace function poller_fleet_state(p_fleet text)
 returns jsonb
 language sql stable
+set search_path = public, pg_temp
 as $$
     select jsonb_build_object(
         'counts', (select to_jsonb(counts) from poller_topology where fleet = p_fleet),
@@ -101,16 +105,13 @@ as $$
                              < now() - make_interval(secs => 2 * cadence_seconds)))
 $$;
 
-create or replace function poller_api_version()
-returns int
-language sql immutable
-as $$ select 3 $$;
-
-select soundcheck_restrict_to_service_role(array[
-    'poller_publish_topology(text, int[])',
-    'poller_sync_fleet(text, int, int, text)',
-    'poller_fleet_state(text)'
-]);
+-- Never lowers a newer version when this file is pasted again.
+do $$ begin
+    if to_regprocedure('poller_api_version()') is null or poller_api_version() < 3 then
+        create or replace function poller_api_version() returns int language sql immutable
+            set search_path = public, pg_temp as 'select 3';
+    end if;
+end $$;
 
 insert into soundcheck_migrations (version, name)
 values (4, '004_topology') on conflict (version) do nothing;

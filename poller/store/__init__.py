@@ -1,12 +1,19 @@
 """The SQL API behind one small interface, whatever the transport (asyncpg or PostgREST).
 
-Errors are sorted into two kinds so callers can act on them without knowing the transport:
-`StoreUnavailable` (outage, timeout, 5xx: retry, keep samples) and `StoreMisconfigured`
-(bad credentials, SQL API missing or too old: tell the operator what to fix).
+Errors are sorted into three kinds so callers can act on them without knowing the
+transport: `StoreUnavailable` (outage, timeout, 5xx: retry, keep samples),
+`StoreMisconfigured` (bad credentials, SQL API missing or too old, SQLSTATE class 42: tell
+the operator what to fix, keep samples) and `StoreDataError` (the database rejected the
+data itself, SQLSTATE classes 22 and 23: the same rows would fail again, so the recorder
+sets them aside instead of retrying).
+
+Lists of jobs come in pages (`jobs_page`), each one JSON value: PostgREST cuts every
+result at db-max-rows, set-returning RPCs included, but never a single value.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,8 +22,8 @@ from uuid import UUID
 
 from ..models import Job, RecordResult, Sample
 
-API_VERSION = 1  # the oldest poller_api_version() the poller works with
-TOPOLOGY_API_VERSION = 3  # adds topology and heartbeats (pollers with FLEET_NAME)
+API_VERSION = 4  # the oldest poller_api_version() this poller works with (paged sync)
+OPERATOR_API_VERSION = 3  # what the operator reads and writes (topology, fleet state)
 
 
 class StoreError(Exception):
@@ -31,6 +38,23 @@ class StoreMisconfigured(StoreError):
     """Retrying will not help until someone fixes credentials or applies migrations."""
 
 
+class StoreDataError(StoreError):
+    """The database rejected the values sent (SQLSTATE class 22 or 23): not an outage."""
+
+
+def error_for_sqlstate(sqlstate: str, text: str) -> StoreError:
+    """The kind of error an SQLSTATE means for the caller (README, "Errors")."""
+    if sqlstate.startswith(("22", "23")):
+        return StoreDataError(text)
+    if sqlstate == "42P10":  # ON CONFLICT found no usable unique index on samples
+        return StoreMisconfigured(
+            f"{text}; samples has no valid unique index on (job_id, sequence_number): "
+            "run `python -m poller migrate`")
+    if sqlstate.startswith(("42", "28", "3D")):
+        return StoreMisconfigured(text)
+    return StoreUnavailable(text)
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -38,14 +62,15 @@ class Store(Protocol):
 
     async def api_version(self) -> int: ...
 
-    async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]: ...
+    async def jobs_page(self, replica_id: int, replica_counts: Sequence[int],
+                        after: UUID | None, limit: int) -> JobsPage: ...
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult: ...
 
-    async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
-                         version: str) -> FleetSync: ...
+    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied,
+                         owned_jobs: int, version: str, limit: int) -> FleetSync: ...
 
     async def fleet_state(self, fleet: str) -> FleetState: ...
 
@@ -53,17 +78,47 @@ class Store(Protocol):
 
 
 @dataclass(frozen=True)
+class JobsPage:
+    jobs: list[Job]
+    next: UUID | None  # the last id of this page when more may follow, else None
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> JobsPage:
+        return cls([job_from_json(row) for row in out["jobs"]],
+                   UUID(out["next"]) if out.get("next") else None)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The topology a poller has taken up (epoch 0: none yet); its heartbeat reports it."""
+
+    epoch: int = 0
+    counts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class FleetSync:
-    """One sync in a fleet: the topology to apply (its heartbeat is recorded) and the jobs."""
+    """One sync in a fleet: the topology to apply and the first page of the jobs."""
 
     counts: tuple[int, ...]
     epoch: int
-    jobs: list[Job]
+    first: JobsPage
 
     @classmethod
     def from_json(cls, out: dict[str, Any]) -> FleetSync:
         return cls(tuple(int(n) for n in out["counts"]), int(out["epoch"]),
-                   [job_from_json(row) for row in out["jobs"]])
+                   JobsPage.from_json(out))
+
+
+async def read_jobs(store: Store, replica_id: int, counts: Sequence[int], limit: int,
+                    first: JobsPage | None = None) -> list[Job]:
+    """Every job the replica owns, page after page in id order (one call per page)."""
+    page = first or await store.jobs_page(replica_id, counts, None, limit)
+    jobs = list(page.jobs)
+    while page.next is not None:
+        page = await store.jobs_page(replica_id, counts, page.next, limit)
+        jobs.extend(page.jobs)
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -101,6 +156,14 @@ def job_from_json(row: dict[str, Any]) -> Job:
         last_ping_at=(datetime.fromisoformat(row["last_ping_at"])
                       if row["last_ping_at"] else None),
     )
+
+
+def raise_if_cancelling() -> None:
+    """After a failed store call: a client library that turned our cancellation into its
+    own error must not keep a stopping loop going."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def check_api_version(found: int, needed: int = API_VERSION) -> None:

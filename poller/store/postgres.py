@@ -17,24 +17,22 @@ from uuid import UUID
 
 import asyncpg
 
-from ..models import Job, RecordResult, Sample
+from ..models import RecordResult, Sample
 from . import (
     MIGRATE_HINT,
+    Applied,
     FleetState,
     FleetSync,
+    JobsPage,
     StoreMisconfigured,
     StoreUnavailable,
+    error_for_sqlstate,
 )
 
 _RECORD_SQL = (
     "select poller_record_batch($1::uuid[], $2::int[], $3::text[], $4::float8[], "
     "$5::float8[], $6::timestamptz[], $7::uuid[])"
 )
-_SYNC_SQL = (
-    "select id, target_ip, cadence_seconds, duration_minutes, started_at, last_ping_at "
-    "from poller_sync_jobs($1::int, $2::int[])"
-)
-
 # SQLSTATE classes that mean "fix the setup", not "try again later".
 _MISCONFIGURED = (
     asyncpg.UndefinedFunctionError,
@@ -42,6 +40,18 @@ _MISCONFIGURED = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidPasswordError,
     asyncpg.InvalidCatalogNameError,
+)
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.AdminShutdownError,
 )
 
 
@@ -87,43 +97,51 @@ class PostgresStore:
             raise RuntimeError("PostgresStore.open() was not called")
         try:
             async with asyncio.timeout(self._timeout * 2):
-                async with self._pool.acquire(timeout=self._timeout) as conn:
-                    return await getattr(conn, method)(sql, *args, timeout=self._timeout)
+                return await self._on_connection(method, sql, args)
         except asyncpg.UndefinedFunctionError as exc:
             raise StoreMisconfigured(f"{MIGRATE_HINT} ({exc.__class__.__name__})") from None
         except _MISCONFIGURED as exc:
             raise StoreMisconfigured(f"database refused the poller: {exc}") from None
-        except (
-            OSError,
-            TimeoutError,
-            asyncpg.PostgresConnectionError,
-            asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError,
-            asyncpg.TooManyConnectionsError,
-            asyncpg.QueryCanceledError,
-            asyncpg.DeadlockDetectedError,
-            asyncpg.SerializationError,
-            asyncpg.AdminShutdownError,
-        ) as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from None
         except asyncpg.PostgresError as exc:
-            # Anything else from the server is a bug or a schema mismatch; retrying is still
-            # the safe default (samples stay buffered) but say what the server said.
-            raise StoreUnavailable(
-                f"{exc.__class__.__name__} (SQLSTATE {exc.sqlstate}): {exc}"
-            ) from None
+            raise error_for_sqlstate(
+                exc.sqlstate or "XX000",
+                f"{exc.__class__.__name__} (SQLSTATE {exc.sqlstate}): {exc}") from None
+        except Exception as exc:
+            # asyncpg's own state errors (InternalClientError "cannot switch to state …",
+            # seen after a server restart) and anything else unforeseen: an outage of this
+            # call, never an exception that kills the loop calling it.
+            raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from None
+
+    async def _on_connection(self, method: str, sql: str, args: tuple[object, ...]) -> object:
+        assert self._pool is not None
+        conn = await self._pool.acquire(timeout=self._timeout)
+        try:
+            return await getattr(conn, method)(sql, *args, timeout=self._timeout)
+        except BaseException:
+            # A connection whose call failed or was cancelled may still be mid-protocol;
+            # handing it to the next caller is what produced "another operation is in
+            # progress". Close it; the pool opens a fresh one when needed.
+            conn.terminate()
+            raise
+        finally:
+            await self._pool.release(conn, timeout=self._timeout)
 
     async def api_version(self) -> int:
         return int(await self._call("fetchval", "select poller_api_version()"))  # type: ignore[arg-type]
 
-    async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
-        rows = await self._call("fetch", _SYNC_SQL, replica_id, list(replica_counts))
-        return [Job(*r) for r in rows]  # type: ignore[union-attr]
+    async def jobs_page(self, replica_id: int, replica_counts: Sequence[int],
+                        after: UUID | None, limit: int) -> JobsPage:
+        raw = await self._call("fetchval", "select poller_jobs_page($1, $2::int[], $3, $4)",
+                               replica_id, list(replica_counts), after, limit)
+        return JobsPage.from_json(json.loads(raw))  # type: ignore[arg-type]
 
-    async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
-                         version: str) -> FleetSync:
-        raw = await self._call("fetchval", "select poller_sync_fleet($1, $2, $3, $4)",
-                               fleet, replica_id, owned_jobs, version)
+    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied,
+                         owned_jobs: int, version: str, limit: int) -> FleetSync:
+        raw = await self._call(
+            "fetchval", "select poller_fleet_sync($1, $2, $3, $4::int[], $5, $6, $7)",
+            fleet, replica_id, applied.epoch, list(applied.counts), owned_jobs, version, limit)
         return FleetSync.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def fleet_state(self, fleet: str) -> FleetState:

@@ -25,14 +25,16 @@ from uuid import UUID
 import httpx
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from ..models import Job, RecordResult, Sample
+from ..models import RecordResult, Sample
 from . import (
     MIGRATE_HINT,
+    Applied,
     FleetState,
     FleetSync,
+    JobsPage,
     StoreMisconfigured,
     StoreUnavailable,
-    job_from_json,
+    error_for_sqlstate,
 )
 
 
@@ -42,12 +44,20 @@ class _HttpError(Exception):
         self.status = status
         self.body = body
 
+    def code(self) -> str:
+        """PostgREST's `code`: an SQLSTATE for database errors, PGRSTnnn for its own."""
+        try:
+            code = json.loads(self.body).get("code")
+        except (ValueError, AttributeError, RecursionError):
+            return ""
+        return code if isinstance(code, str) else ""
+
     def describe(self) -> str:
         try:
             err = json.loads(self.body)
-            parts = [str(err.get(k)) for k in ("code", "message") if err.get(k)]
+            parts = [str(err.get(k))[:500] for k in ("code", "message") if err.get(k)]
             text = ": ".join(parts) or "no details"
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             text = "no details"
         return f"HTTP {self.status} ({text})"
 
@@ -105,27 +115,38 @@ class SupabaseStore:
                 ) from None
             if exc.status == 404:
                 raise StoreMisconfigured(f"{MIGRATE_HINT} ({exc.describe()})") from None
+            code = exc.code()
+            if 400 <= exc.status < 500 and len(code) == 5 and not code.startswith("PGRST"):
+                raise error_for_sqlstate(code, f"Supabase answered {exc.describe()}") from None
+            if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                # The gateway rejected the request itself: a bug or a version mismatch.
+                raise StoreMisconfigured(f"Supabase answered {exc.describe()}") from None
             raise StoreUnavailable(f"Supabase answered {exc.describe()}") from None
         except httpx.TimeoutException as exc:
             raise StoreUnavailable(f"Supabase did not answer in time ({type(exc).__name__})"
                                    ) from None
         except httpx.HTTPError as exc:
             raise StoreUnavailable(f"Supabase unreachable ({type(exc).__name__})") from None
+        except (ValueError, RecursionError) as exc:  # a body that is not JSON
+            raise StoreUnavailable(f"Supabase sent an unreadable answer ({type(exc).__name__})"
+                                   ) from None
         return response.data
 
     async def api_version(self) -> int:
         return int(await self._rpc("poller_api_version", {}))
 
-    async def sync_jobs(self, replica_id: int, replica_counts: Sequence[int]) -> list[Job]:
-        rows = await self._rpc("poller_sync_jobs", {
-            "p_replica_id": replica_id, "p_replica_counts": list(replica_counts)})
-        return [job_from_json(row) for row in rows]
+    async def jobs_page(self, replica_id: int, replica_counts: Sequence[int],
+                        after: UUID | None, limit: int) -> JobsPage:
+        return JobsPage.from_json(await self._rpc("poller_jobs_page", {
+            "p_replica_id": replica_id, "p_replica_counts": list(replica_counts),
+            "p_after": str(after) if after else None, "p_limit": limit}))
 
-    async def sync_fleet(self, fleet: str, replica_id: int, owned_jobs: int,
-                         version: str) -> FleetSync:
-        return FleetSync.from_json(await self._rpc("poller_sync_fleet", {
-            "p_fleet": fleet, "p_replica_id": replica_id, "p_owned_jobs": owned_jobs,
-            "p_version": version}))
+    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied,
+                         owned_jobs: int, version: str, limit: int) -> FleetSync:
+        return FleetSync.from_json(await self._rpc("poller_fleet_sync", {
+            "p_fleet": fleet, "p_replica_id": replica_id, "p_applied_epoch": applied.epoch,
+            "p_applied_counts": list(applied.counts), "p_owned_jobs": owned_jobs,
+            "p_version": version, "p_limit": limit}))
 
     async def fleet_state(self, fleet: str) -> FleetState:
         return FleetState.from_json(await self._rpc("poller_fleet_state", {"p_fleet": fleet}))

@@ -247,10 +247,13 @@ class FakePods:
         if (sts.get("status") or {}).get("readyReplicas") != pods:
             await self.cluster.set_statefulset_status(self.name, pods, pods)
         fleet = f"{NS}/{self.name}"
-        epoch = await self.conn.fetchval(
-            "select epoch from poller_topology where fleet = $1", fleet) or 0
+        row = await self.conn.fetchrow(
+            "select epoch, counts from poller_topology where fleet = $1", fleet)
+        epoch = row["epoch"] if row else 0
         if (pods, epoch) != self._last and epoch:
+            # A fake pod takes a topology up at once: it reports the epoch as applied.
             for replica in range(pods):
-                await self.conn.fetchval("select poller_sync_fleet($1, $2, 0, 'fake')",
-                                         fleet, replica)
+                await self.conn.fetchval(
+                    "select poller_fleet_sync($1, $2, $3, $4, 0, 'fake', 1)",
+                    fleet, replica, epoch, row["counts"])
             self._last = (pods, epoch)
