@@ -29,9 +29,9 @@ from poller.store import Store  # noqa: E402
 from poller.store.postgres import PostgresStore  # noqa: E402
 from poller.store.supabase import SupabaseStore  # noqa: E402
 from tests.support.db import add_jobs  # noqa: E402
-from tests.support.postgrest_standin import PostgrestStandIn  # noqa: E402
+from tests.support.postgrest_standin import PostgrestStandIn, prepare_database  # noqa: E402
 
-KEY = "bench-service-role-key-0123456789"
+KEY = "bench-jwt-secret-0123456789abcdef0123"  # the stand-in signs keys with it
 JOBS = 1000
 
 
@@ -48,14 +48,16 @@ async def record(store: Store, jobs: list, total: int, batch: int, seq0: int) ->
 
 async def main(args: argparse.Namespace) -> None:
     with LocalPostgres() as pg:
-        await migrate(pg.dsn)
         conn = await asyncpg.connect(pg.dsn)
+        await prepare_database(conn)  # Supabase's roles: the stand-in runs calls as the key's
+        await migrate(pg.dsn)
         jobs = await add_jobs(conn, [f"127.0.{i // 250}.{i % 250 + 1}" for i in range(JOBS)])
         rest = PostgrestStandIn(pg.dsn, KEY)
         await rest.start()
+        key = rest.key("service_role")
         stores: dict[str, Store] = {
             "direct (asyncpg)": PostgresStore(pg.dsn, 30),
-            "supabase (stand-in)": SupabaseStore(rest.url, KEY, 30),
+            "supabase (stand-in)": SupabaseStore(rest.url, key, 30),
         }
         for store in stores.values():
             await store.open()

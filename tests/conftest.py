@@ -12,17 +12,18 @@ import asyncpg
 import pytest
 
 from poller.localpg import LocalPostgres, free_port
-from poller.migrate import migrate
 from poller.sidecar import serve
 from tests.support.latency_standin import LatencyStandIn
-from tests.support.postgrest_standin import PostgrestStandIn
+from tests.support.postgrest_standin import PostgrestStandIn, make_jwt, migrate_like_supabase
 
 # The operator's timer tick, read when pollerfleet is imported: fast for tests.
 os.environ.setdefault("POLLERFLEET_TICK_SECONDS", "0.2")
 os.environ.setdefault("POLLERFLEET_METRICS_PORT", "0")  # tests read the registry directly
 
 _TEMPLATE = "soundcheck_template"
-SERVICE_ROLE_KEY = "test-service-role-key-0123456789abcdef"
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+SERVICE_ROLE_KEY = make_jwt(JWT_SECRET, "service_role")
+ANON_KEY = make_jwt(JWT_SECRET, "anon")
 STANDIN_RTT_MS = 2.5
 _counter = itertools.count()
 
@@ -40,7 +41,8 @@ async def _make_template(pg: LocalPostgres) -> None:
         await conn.execute(f"create database {_TEMPLATE}")
     finally:
         await conn.close()
-    await migrate(_dsn(pg, _TEMPLATE))
+    # As on Supabase: its roles and default privileges exist before our migrations run.
+    await migrate_like_supabase(_dsn(pg, _TEMPLATE))
 
 
 def _dsn(pg: LocalPostgres, db: str) -> str:
@@ -96,7 +98,7 @@ async def db_env(request: pytest.FixtureRequest) -> AsyncIterator[DbEnv]:
     async def env_for(dsn: str) -> dict[str, str]:
         if request.param == "postgres":
             return {"DATABASE_URL": dsn}
-        standin = PostgrestStandIn(dsn, SERVICE_ROLE_KEY)
+        standin = PostgrestStandIn(dsn, JWT_SECRET)
         await standin.start()
         standins.append(standin)
         return {"SUPABASE_URL": standin.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY}

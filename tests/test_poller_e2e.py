@@ -14,12 +14,11 @@ import asyncpg
 import pytest
 
 from poller.localpg import LocalPostgres
-from poller.migrate import migrate
-from tests.conftest import SERVICE_ROLE_KEY, DbEnv
+from tests.conftest import JWT_SECRET, SERVICE_ROLE_KEY, DbEnv
 from tests.support.checks import assert_every_slot_once, load
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
-from tests.support.postgrest_standin import PostgrestStandIn
+from tests.support.postgrest_standin import PostgrestStandIn, migrate_like_supabase
 from tests.support.processes import PollerProcess
 
 pytestmark = pytest.mark.slow
@@ -33,7 +32,7 @@ async def own_pg() -> AsyncIterator[LocalPostgres]:
     """A server of the test's own, which it may stop and start."""
     pg = LocalPostgres()
     await asyncio.to_thread(pg.start)
-    await migrate(pg.dsn)
+    await migrate_like_supabase(pg.dsn)
     yield pg
     await asyncio.to_thread(pg.destroy)
 
@@ -143,7 +142,7 @@ async def test_sigterm_writes_every_buffered_sample(own_pg: LocalPostgres, db_en
 
 async def test_rejected_supabase_key_is_not_ready_and_said_once(
         dsn: str, standin: LatencyStandIn) -> None:
-    rest = PostgrestStandIn(dsn, SERVICE_ROLE_KEY)
+    rest = PostgrestStandIn(dsn, JWT_SECRET)
     await rest.start()
     wrong = "wrong-key-" + "z" * 30
     poller = PollerProcess({**FAST, "SUPABASE_URL": rest.url, "SUPABASE_SERVICE_ROLE_KEY": wrong,
@@ -169,7 +168,7 @@ async def test_rejected_supabase_key_is_not_ready_and_said_once(
 
 async def test_missing_sql_api_through_supabase_says_to_migrate(
         fresh_db: str, standin: LatencyStandIn) -> None:
-    rest = PostgrestStandIn(fresh_db, SERVICE_ROLE_KEY)
+    rest = PostgrestStandIn(fresh_db, JWT_SECRET)
     await rest.start()
     poller = PollerProcess({**FAST, "SUPABASE_URL": rest.url,
                             "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY,

@@ -160,3 +160,76 @@ async def test_drain_with_nothing_failing(n: int) -> None:
     rec.request_completion(job)
     assert await rec.drain(asyncio.get_running_loop().time() + 5)
     assert len(store.rows) == n and store.completed == [job]
+
+
+async def test_rows_the_database_rejects_are_set_aside_and_the_rest_written() -> None:
+    store = MemoryStore()
+    store.bad_rtt = 1e9  # as a numeric(10,2) overflow would be refused, SQLSTATE 22003
+    rec, metrics = make(store, batch_size=100, flush_interval_s=0.01)
+    task = asyncio.create_task(rec.run())
+    job = uuid4()
+    for k in range(100):
+        rec.add(Sample(job, k, SampleStatus.SUCCESS, 1e9 if k in (7, 70) else 1.0, None, NOW))
+    rec.request_completion(job)
+    await written(store, 98)
+    async with asyncio.timeout(5):
+        await store.progress.wait_for(lambda: store.completed == [job])
+    task.cancel()
+    assert set(store.rows) == {(job, k) for k in range(100) if k not in (7, 70)}
+    assert metrics.value("soundcheck_poller_samples_rejected_total") == 2
+    assert metrics.value("soundcheck_poller_flush_errors_total") == 0  # not an outage
+    assert rec.buffered == 0 and rec.last_error is None
+
+
+async def test_drops_are_counted_exactly_while_a_batch_is_being_written() -> None:
+    store = MemoryStore()
+    store.gate = asyncio.Event()  # the first write hangs until we let it through
+    rec, metrics = make(store, batch_size=10, max_buffered=15, flush_interval_s=3600)
+    task = asyncio.create_task(rec.run())
+    job = uuid4()
+    for k in range(10):
+        rec.add(sample(job, k))
+    async with asyncio.timeout(5):
+        await store.progress.next()  # the batch 0-9 is being written
+    for k in range(10, 22):
+        rec.add(sample(job, k))  # 22 > 15: the 7 oldest leave the buffer, 0-6 in the write
+    store.gate.set()
+    await written(store, 20)
+    task.cancel()
+    # 0-9 were written by the write in flight: nothing of them was lost.
+    assert {k for _, k in store.rows} >= set(range(10))
+    assert metrics.value("soundcheck_poller_samples_dropped_total") == 0
+
+
+async def test_drops_in_a_failed_write_are_counted_once_it_fails() -> None:
+    store = MemoryStore()
+    store.gate = asyncio.Event()
+    store.down = True
+    rec, metrics = make(store, batch_size=10, max_buffered=15, flush_interval_s=3600)
+    task = asyncio.create_task(rec.run())
+    job = uuid4()
+    for k in range(10):
+        rec.add(sample(job, k))
+    async with asyncio.timeout(5):
+        await store.progress.next()
+    for k in range(10, 22):
+        rec.add(sample(job, k))
+    assert metrics.value("soundcheck_poller_samples_dropped_total") == 0  # not yet known
+    store.gate.set()
+    async with asyncio.timeout(5):
+        await store.progress.wait_for(
+            lambda: metrics.value("soundcheck_poller_flush_errors_total") >= 1)
+    task.cancel()
+    assert metrics.value("soundcheck_poller_samples_dropped_total") == 7
+    assert rec.buffered == 15
+
+
+async def test_an_unexpected_store_exception_never_kills_the_loop() -> None:
+    store = MemoryStore()
+    store.crash = RuntimeError("cannot switch to state 15; another operation is in progress")
+    rec, _ = make(store, flush_interval_s=0.01)
+    task = asyncio.create_task(rec.run())
+    rec.add(sample(uuid4(), 0))
+    await written(store, 1)
+    assert not task.done()
+    task.cancel()

@@ -16,7 +16,7 @@ from poller.localpg import free_port
 from poller.progress import Progress
 from poller.service import Service
 from poller.settings import Settings
-from tests.conftest import SERVICE_ROLE_KEY
+from tests.conftest import JWT_SECRET, SERVICE_ROLE_KEY
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn
@@ -181,7 +181,7 @@ async def test_missing_sql_api_says_how_to_fix(fresh_db: str, standin: LatencySt
 async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
         conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
     await add_jobs(conn, [f"127.0.3.{i}" for i in range(1, 21)], cadence_seconds=1)
-    rest = PostgrestStandIn(dsn, SERVICE_ROLE_KEY)
+    rest = PostgrestStandIn(dsn, JWT_SECRET)
     await rest.start()
     svc = Service(Settings.from_env({
         **FAST, "SUPABASE_URL": rest.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY,

@@ -71,9 +71,10 @@ def classify_ping_body(body: Any) -> PingResult:
     error = body.get("error")
     if error:
         return classify_error_text(str(error))
-    rtt = _positive_number(body.get("rtt_ms"))
-    if rtt is not None and rtt > MAX_RTT_MS:
-        return system_error(f"implausible rtt_ms: {rtt!r}")
+    raw = body.get("rtt_ms")
+    if isinstance(raw, float) and not (math.isfinite(raw) and raw <= MAX_RTT_MS):
+        return system_error(f"implausible rtt_ms: {raw!r}")
+    rtt = _positive_number(raw)
     if body.get("success") is True and rtt is not None:
         return PingResult(SampleStatus.SUCCESS, rtt)
     return PingResult(SampleStatus.MISSED, None, "no reply")

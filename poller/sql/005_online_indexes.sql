@@ -52,6 +52,10 @@ begin
 end
 $$;
 
+-- A concurrent build never blocks the app's reads or writes, but it waits for transactions
+-- already running to end: let it wait (a lock timeout would only leave an invalid index).
+set lock_timeout = 0;
+
 create unique index concurrently if not exists samples_job_id_sequence_number_key
     on samples (job_id, sequence_number);
 

@@ -6,12 +6,13 @@ make failures happen on demand and count calls exactly.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from uuid import UUID
 
 from poller.models import RecordResult, Sample
 from poller.progress import Progress
-from poller.store import StoreUnavailable
+from poller.store import StoreDataError, StoreUnavailable
 
 
 class NullStore:
@@ -30,13 +31,23 @@ class MemoryStore:
         self.calls: list[tuple[int, list[UUID]]] = []  # (batch length, completions) per call
         self.completed: list[UUID] = []
         self.down = False
+        self.bad_rtt: float | None = None  # a batch holding a sample with it is rejected
+        self.crash: BaseException | None = None  # raised by the next call, once
+        self.gate: asyncio.Event | None = None  # while set to an unset event, calls wait
         self.progress = Progress()  # notified on every call
 
     async def record_batch(self, samples: Sequence[Sample],
                            complete: Sequence[UUID]) -> RecordResult:
         self.progress.notify()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.crash is not None:
+            crash, self.crash = self.crash, None
+            raise crash
         if self.down:
             raise StoreUnavailable("ConnectionRefusedError: database is down")
+        if self.bad_rtt is not None and any(s.rtt_ms == self.bad_rtt for s in samples):
+            raise StoreDataError("NumericValueOutOfRangeError (SQLSTATE 22003)")
         self.calls.append((len(samples), list(complete)))
         inserted = 0
         for s in samples:

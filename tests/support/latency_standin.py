@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import struct
 from collections import Counter
 
 from aiohttp import web
@@ -29,6 +31,15 @@ ZERO_ELAPSED = "zero_elapsed"
 HTTP_500 = "http_500"
 HANG = "hang"
 GARBAGE = "garbage"
+# Hostile answers: what a broken or compromised API (or a proxy in front of it) can send.
+INVALID_UTF8 = "invalid_utf8"
+DEEP_JSON = "deep_json"  # nested past Python's recursion limit
+HUGE_NUMBER = "huge_number"  # {"elapsed": 1e308}: a float, but no column holds it
+INFINITE_NUMBER = "infinite_number"  # 1e999 parses as inf
+HUGE_BODY = "huge_body"  # 8 MB of valid JSON
+TRUNCATED = "truncated"  # Content-Length promises more than is sent
+RESET = "reset"  # the connection is reset instead of answered
+HOSTILE = (INVALID_UTF8, DEEP_JSON, HUGE_NUMBER, INFINITE_NUMBER, HUGE_BODY, TRUNCATED, RESET)
 
 _ERRORS = {
     TIMEOUT_TEXT: "Request Timeout for icmp_seq 0",
@@ -71,22 +82,26 @@ class LatencyStandIn:
         return 200, how, {"elapsed": elapsed, "error": None, "expected": True, "ip": ip,
                           "poller": "standin"}
 
-    async def _respond(self, ip: str, body_of: type | None = None) -> web.StreamResponse:
+    async def _respond(self, request: web.Request, ip: str, body_of: type | None = None
+                       ) -> web.StreamResponse:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            return await self._respond_now(ip, body_of)
+            return await self._respond_now(request, ip, body_of)
         finally:
             self.active -= 1
 
-    async def _respond_now(self, ip: str, body_of: type | None) -> web.StreamResponse:
+    async def _respond_now(self, request: web.Request, ip: str, body_of: type | None
+                           ) -> web.StreamResponse:
         status, how, body = self._answer(ip)
         if how == HANG:
             await self._hang.wait()
         if how == GARBAGE:
             return web.Response(text="<html>not json", content_type="text/html")
+        if how in HOSTILE:
+            return await _hostile(request, how)
         if body is None:
             return web.Response(status=status, text="internal error")
         if body_of is not None:  # POST /ping shape
@@ -95,14 +110,14 @@ class LatencyStandIn:
         return web.json_response(body, status=status)
 
     async def latency(self, request: web.Request) -> web.StreamResponse:
-        return await self._respond(request.match_info["ip"])
+        return await self._respond(request, request.match_info["ip"])
 
     async def ping(self, request: web.Request) -> web.StreamResponse:
         try:
             ip = (await request.json())["ip"]
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "body must be {\"ip\": ...}"}, status=400)
-        return await self._respond(str(ip), body_of=dict)
+        return await self._respond(request, str(ip), body_of=dict)
 
     async def start(self, port: int = 0) -> None:
         app = web.Application()
@@ -118,6 +133,33 @@ class LatencyStandIn:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+async def _hostile(request: web.Request, how: str) -> web.StreamResponse:
+    json_body = {
+        INVALID_UTF8: b'{"elapsed": 1.0, "error": "\xff\xfe bad"}',
+        DEEP_JSON: b'{"elapsed": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        # Both routes' shapes in one body.
+        HUGE_NUMBER: b'{"elapsed": 1e308, "success": true, "rtt_ms": 1e308, "error": null}',
+        INFINITE_NUMBER: b'{"elapsed": 1e999, "success": true, "rtt_ms": 1e999, "error": null}',
+        HUGE_BODY: b'{"elapsed": 1.0, "pad": "' + b"x" * (8 << 20) + b'"}',
+    }
+    if how in json_body:
+        return web.Response(body=json_body[how], content_type="application/json")
+    transport = request.transport
+    assert transport is not None
+    if how == TRUNCATED:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b'{"elapsed": 1.')
+        transport.close()
+        return resp
+    # RESET: SO_LINGER 0 makes close() send a TCP RST.
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.close()
+    raise ConnectionResetError
 
 
 async def _main(port: int) -> None:

@@ -3,24 +3,36 @@
 No PostgREST binary exists for these machines. This serves only what the poller uses:
 `POST /rest/v1/rpc/<fn>` with a JSON object of named arguments, called the way PostgREST
 calls it (`fn(a := x.a, …) FROM json_to_record($1) AS x(a <type>, …)`), the JSON result as
-the body. Checked like Supabase's gateway: `apikey` and `Authorization: Bearer` must both
-carry the key, else 401. Errors are shaped like PostgREST's, `{code, message, details,
-hint}`, with its HTTP statuses (404 PGRST202 for an unknown function, 503 when the
-database is unreachable, 400/403/409/500 by SQLSTATE class).
+the body. As strict as Supabase on what the project relies on:
+- keys are HS256 JWTs signed with the project's secret; `apikey` and `Authorization:
+  Bearer` must both be valid, else 401;
+- every call runs in a transaction as the JWT's `role` claim (`SET LOCAL ROLE`), so grants
+  and row level security apply as they do on Supabase (`prepare_database` creates anon,
+  authenticated and service_role with BYPASSRLS, and Supabase's default privileges, which
+  grant every new table, function and sequence in `public` to all three);
+- a set-returning function's result is cut at `max_rows` (db-max-rows, 1,000 on Supabase),
+  silently and in no particular order; a scalar result (json, jsonb) is one row;
+- errors are shaped like PostgREST's, `{code, message, details, hint}`, with its HTTP
+  statuses (404 PGRST202 for an unknown function, 401/403 for a refused privilege, 503
+  when the database is unreachable, 400/409/500 by SQLSTATE class).
 
 Not served (limits named in the README): tables and views, GET RPCs, filters, Prefer
-headers, JWT roles and claims (every call runs as the database owner), schema switching,
-overloaded functions, unnamed arguments.
+headers, JWT expiry and other claims, schema switching, overloaded functions, unnamed
+arguments.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 
+from poller.migrate import migrate
 from poller.progress import Progress
 
 _ARGS_SQL = """
@@ -31,6 +43,72 @@ select p.proname, p.proretset, p.prorettype::regtype::text as rettype,
 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
 where n.nspname = 'public' and p.proname = $1
 """
+
+
+# What Supabase sets up before any migration of ours runs (cluster roles are shared by all
+# databases of the test server, hence the checks).
+SUPABASE_SETUP_SQL = """
+do $$
+begin
+    if not exists (select 1 from pg_roles where rolname = 'anon') then
+        create role anon nologin noinherit;
+    end if;
+    if not exists (select 1 from pg_roles where rolname = 'authenticated') then
+        create role authenticated nologin noinherit;
+    end if;
+    if not exists (select 1 from pg_roles where rolname = 'service_role') then
+        create role service_role nologin noinherit bypassrls;
+    end if;
+end
+$$;
+grant usage on schema public to anon, authenticated, service_role;
+alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
+alter default privileges in schema public
+    grant all on functions to anon, authenticated, service_role;
+alter default privileges in schema public
+    grant all on sequences to anon, authenticated, service_role;
+"""
+ROLES = ("anon", "authenticated", "service_role")
+
+
+async def prepare_database(conn: asyncpg.Connection) -> None:
+    """Give a database Supabase's roles and default privileges (before migrating it)."""
+    await conn.execute(SUPABASE_SETUP_SQL)
+
+
+async def migrate_like_supabase(dsn: str) -> None:
+    """Supabase's roles and default privileges first, then every migration."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await prepare_database(conn)
+    finally:
+        await conn.close()
+    await migrate(dsn)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(secret: str, role: str) -> str:
+    """A Supabase-style key: an HS256 JWT whose `role` claim PostgREST runs the call as."""
+    head = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(json.dumps({"iss": "supabase", "role": role}).encode())
+    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def jwt_role(secret: str, token: str) -> str | None:
+    """The role of a validly signed token, else None."""
+    try:
+        head, body, sig = token.split(".")
+        want = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(_b64(want), sig):
+            return None
+        role = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["role"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return role if role in ROLES else None
 
 
 def _error(status: int, code: str, message: str, details: str | None = None,
@@ -55,10 +133,12 @@ def _status_for(sqlstate: str) -> int:
 
 
 class PostgrestStandIn:
-    def __init__(self, dsn: str, key: str) -> None:
+    def __init__(self, dsn: str, jwt_secret: str, max_rows: int | None = 1000) -> None:
         self.dsn = dsn
-        self.key = key
+        self.jwt_secret = jwt_secret
+        self.max_rows = max_rows
         self.calls: list[str] = []  # function names, in order
+        self.roles: list[str] = []  # the role each call ran as
         self.progress = Progress()
         self.port = 0
         self._pool: asyncpg.Pool | None = None
@@ -85,17 +165,25 @@ class PostgrestStandIn:
         if self._pool is not None:
             self._pool.terminate()
 
-    def _authorised(self, request: web.Request) -> bool:
-        return (request.headers.get("apikey") == self.key
-                and request.headers.get("Authorization") == f"Bearer {self.key}")
+    def key(self, role: str) -> str:
+        return make_jwt(self.jwt_secret, role)
+
+    def _role(self, request: web.Request) -> str | None:
+        """The Bearer token's role, when both it and the apikey are valid keys."""
+        if jwt_role(self.jwt_secret, request.headers.get("apikey", "")) is None:
+            return None
+        auth = request.headers.get("Authorization", "")
+        return jwt_role(self.jwt_secret, auth[7:]) if auth.startswith("Bearer ") else None
 
     async def _rpc(self, request: web.Request) -> web.Response:
         fn = request.match_info["fn"]
         self.calls.append(fn)
         self.progress.notify()
-        if not self._authorised(request):
+        role = self._role(request)
+        if role is None:
             return _error(401, "PGRST301", "Invalid API key",
                           hint="Double check your Supabase `anon` or `service_role` API key.")
+        self.roles.append(role)
         try:
             args = await request.json() if request.can_read_body else {}
         except ValueError:
@@ -104,11 +192,15 @@ class PostgrestStandIn:
             return _error(400, "PGRST102", "Arguments must be a JSON object")
         assert self._pool is not None
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"set local role {role}")  # one of ROLES, checked above
                 return await self._call(conn, fn, args)
         except asyncpg.PostgresError as exc:
             state = exc.sqlstate or "XX000"
-            return _error(_status_for(state), state, str(exc),
+            status = _status_for(state)
+            if status == 403 and role == "anon":
+                status = 401  # PostgREST: a refused privilege is 401 for the anonymous role
+            return _error(status, state, str(exc),
                           getattr(exc, "detail", None), getattr(exc, "hint", None))
         except (OSError, asyncpg.InterfaceError, TimeoutError):
             return _error(503, "PGRST001", "Database client error. Retrying the connection.")
@@ -133,7 +225,10 @@ class PostgrestStandIn:
         else:
             source, params = "", ()
         if proc["proretset"]:
-            sql = f"select coalesce(json_agg(f), '[]'::json) from {source}{call} as f"
+            # db-max-rows: PostgREST's LIMIT, with no order of its own.
+            limit = f" limit {int(self.max_rows)}" if self.max_rows is not None else ""
+            sql = (f"select coalesce(json_agg(f), '[]'::json) from "
+                   f"(select * from {source}{call} as f{limit}) as f")
         else:
             sql = f"select to_json({call}) from {source}(select 1) as one"
         result = await conn.fetchval(sql, *params)
