@@ -7,8 +7,12 @@ has exactly one sample, no ping was made twice, nothing buffered was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -184,3 +188,52 @@ async def test_missing_sql_api_through_supabase_says_to_migrate(
         await poller.kill()
         await rest.stop()
     assert SERVICE_ROLE_KEY not in poller.log
+
+
+def _server_pids(pg: LocalPostgres) -> list[int]:
+    """The postmaster and every process it started (all of the server)."""
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def test_stop_ends_within_the_grace_with_the_database_frozen(
+        own_pg: LocalPostgres, standin: LatencyStandIn) -> None:
+    # A partition, not a refused connection: the server is stopped (SIGSTOP), so calls
+    # neither fail nor answer. The client timeouts (10 s) are longer than the grace (3 s).
+    conn = await asyncpg.connect(own_pg.dsn)
+    await add_jobs(conn, targets(50), cadence_seconds=1)
+    await conn.close()
+    poller = PollerProcess({**FAST, "DATABASE_URL": own_pg.dsn, "LATENCY_API_URL": standin.url,
+                            "BATCH_SIZE": "20", "DB_TIMEOUT_MS": "10000",
+                            "SHUTDOWN_GRACE_MS": "3000"})
+    pids = _server_pids(own_pg)
+    try:
+        await poller.start()
+        await poller.synced()
+        _signal_all(pids, signal.SIGSTOP)
+        async with asyncio.timeout(10):  # samples pile up behind a write that hangs
+            await standin.progress.wait_for(lambda: sum(standin.requests.values()) >= 150)
+        started = time.monotonic()
+        poller.terminate()
+        rc = await poller.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        _signal_all(pids, signal.SIGCONT)
+        await poller.kill()
+    assert rc == 1  # samples were given up, and the exit code says so
+    assert took < 3 + 1.5, f"stop took {took:.1f}s with a 3s grace"
+    assert "gave up on" in poller.log

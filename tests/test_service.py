@@ -200,3 +200,44 @@ async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
     written = await conn.fetchval("select count(*) from samples")
     assert written == count(svc, "samples_written") and written >= 60
     assert calls["poller_record_batch"] * 5 <= written  # batches, not one request per ping
+
+
+async def test_a_loop_that_crashes_makes_the_exit_code_non_zero(
+        dsn: str, standin: LatencyStandIn) -> None:
+    svc = Service(settings(dsn, standin))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a loop")
+
+    svc.recorder.run = broken  # type: ignore[method-assign]
+    async with asyncio.timeout(30):
+        assert await svc.run() == 1  # before: 0, as if all was well
+
+
+async def test_an_asyncpg_state_error_is_an_outage_not_a_crash(dsn: str) -> None:
+    # asyncpg raised InternalClientError ("cannot switch to state …") out of the store on a
+    # database restart, and the recorder loop died with the samples it held.
+    import asyncpg.exceptions
+
+    from poller.store import StoreUnavailable
+    from poller.store.postgres import PostgresStore
+
+    store = PostgresStore(dsn, 5)
+    await store.open()
+    try:
+        async with store._pool.acquire() as conn:  # type: ignore[union-attr]
+            real = type(conn).fetchval
+
+            async def state_error(self: object, *a: object, **k: object) -> object:
+                raise asyncpg.exceptions.InternalClientError(
+                    "cannot switch to state 15; another operation (2) is in progress")
+
+            type(conn).fetchval = state_error  # type: ignore[method-assign]
+        try:
+            with pytest.raises(StoreUnavailable, match="InternalClientError"):
+                await store.api_version()
+        finally:
+            type(conn).fetchval = real  # type: ignore[method-assign]
+        assert await store.api_version() >= 4  # a fresh connection works
+    finally:
+        await store.close()

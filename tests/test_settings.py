@@ -110,3 +110,16 @@ def test_entry_point_exits_2_with_one_line_and_no_secret() -> None:
     assert len(lines) == 1, proc.stderr
     assert "BATCH_SIZE" in lines[0]
     assert KEY not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:hunter2@db.internal:54x2/soundcheck",
+    "postgresql://u:hunter2@db.internal:99999/soundcheck",
+    "postgresql://u:hunter2@db.internal:0/soundcheck",
+    "postgresql://u:hunter2@h1:5432,h2:port/soundcheck",
+])
+def test_a_bad_database_port_is_a_configuration_error(url: str) -> None:
+    # Before: the process started and its sync loop crashed at the first connection.
+    with pytest.raises(ConfigError, match=r"^DATABASE_URL: the port is not a number") as e:
+        Settings.from_env({"DATABASE_URL": url})
+    assert "hunter2" not in str(e.value)

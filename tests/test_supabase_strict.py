@@ -29,7 +29,8 @@ OURS = """
 select p.oid::regprocedure::text as fn, p.proconfig
 from pg_proc p
 where p.pronamespace = 'public'::regnamespace
-  and (p.proname ~ '^(poller|soundcheck)_' or obj_description(p.oid, 'pg_proc') = 'soundcheck-poller')
+  and (p.proname ~ '^(poller|soundcheck)_'
+       or obj_description(p.oid, 'pg_proc') = 'soundcheck-poller')
 """
 
 
