@@ -3,6 +3,7 @@ operator renders, the example fleet against the CRD's own schema, and the Docker
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,6 +40,36 @@ def test_kustomization_lists_existing_files() -> None:
     (kust,) = docs(ROOT / "manifests" / "kustomization.yaml")
     for name in kust["resources"]:
         assert (ROOT / "manifests" / name).exists(), name
+
+
+COMPONENTS = sorted((ROOT / "manifests" / "components").glob("*/kustomization.yaml"))
+
+
+@pytest.mark.parametrize("kust", COMPONENTS, ids=lambda p: p.parent.name)
+def test_components_are_valid_kubernetes(kust: Path) -> None:
+    (component,) = docs(kust)
+    assert component["kind"] == "Component"
+    for name in component["resources"]:
+        for obj in docs(kust.parent / name):
+            validate(obj)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_with_the_network_policy(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": "soundcheck",
+        "resources": [os.path.relpath(ROOT / "manifests", tmp_path)],
+        "components": [os.path.relpath(ROOT / "manifests" / "components" / "network-policy",
+                                       tmp_path)]}))
+    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == "soundcheck"
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {render.PORT, render.SIDECAR_HEALTH_PORT}
 
 
 def test_crd_is_valid() -> None:

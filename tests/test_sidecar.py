@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 import aiohttp
 import asyncpg
@@ -83,3 +84,35 @@ async def test_poller_with_in_process_icmp(conn: asyncpg.Connection, dsn: str) -
     rows = await conn.fetch("select job_id, status, rtt_ms from samples")
     assert {r["job_id"] for r in rows} == set(job_ids)
     assert all(r["status"] == "success" and r["rtt_ms"] is not None for r in rows)
+
+
+async def test_sidecar_serves_pings_on_loopback_only_and_health_everywhere() -> None:
+    # Anyone who reaches the ping API can make it ping anything: by default it listens on
+    # 127.0.0.1 alone. The kubelet probes the pod IP, so /health (only) has its own port.
+    if os.geteuid() != 0:
+        pytest.skip("the sidecar's raw ICMP socket needs root here")
+    port, health = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "poller.sidecar", "--port", str(port), "--health-port",
+        str(health), "--socket", "raw", stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(20):
+            while b"latency sidecar on" not in await proc.stderr.readline():
+                pass
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(f"http://127.0.0.1:{port}/latency/g/127.0.0.1/") as resp:
+                assert resp.status == 200 and (await resp.json())["elapsed"] > 0
+            with pytest.raises(aiohttp.ClientConnectionError):  # another address: refused
+                await session.get(f"http://127.0.0.2:{port}/health")
+            async with session.get(f"http://127.0.0.2:{health}/health") as resp:
+                assert resp.status == 200
+            async with session.get(f"http://127.0.0.2:{health}/latency/g/127.0.0.1/") as resp:
+                assert resp.status == 404  # the health port serves nothing else
+            for denied in ("224.0.0.1", "255.255.255.255", "0.0.0.0", "fe80::1%25lo"):
+                async with session.get(f"http://127.0.0.1:{port}/latency/g/{denied}/") as resp:
+                    assert resp.status == 400, denied
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0

@@ -13,7 +13,8 @@ from typing import Any
 from .spec import FleetSpec
 
 PORT = 3000
-SIDECAR_PORT = 4402
+SIDECAR_PORT = 4402  # the ping API, on the pod's loopback only
+SIDECAR_HEALTH_PORT = 4403  # /health alone, for the kubelet's probe of the pod IP
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 
 
@@ -99,10 +100,13 @@ def pod_template(name: str, namespace: str, spec: FleetSpec) -> dict[str, Any]:
             "name": "latency-sidecar",
             "image": spec.image,
             "imagePullPolicy": spec.image_pull_policy,
-            "args": ["python", "-m", "poller.sidecar", "--port", str(SIDECAR_PORT)],
-            "ports": [{"name": "latency", "containerPort": SIDECAR_PORT}],
+            # The ping API answers anyone who reaches it: loopback only, so only the poller
+            # in the same pod can.
+            "args": ["python", "-m", "poller.sidecar", "--host", "127.0.0.1",
+                     "--port", str(SIDECAR_PORT), "--health-port", str(SIDECAR_HEALTH_PORT)],
+            "ports": [{"name": "latency-health", "containerPort": SIDECAR_HEALTH_PORT}],
             "env": [{"name": "ICMP_SOCKET", "value": "dgram"}],
-            "livenessProbe": _probe("/health", "latency", 10, 3),
+            "livenessProbe": _probe("/health", "latency-health", 10, 3),
             "securityContext": _security(),
             "resources": spec.sidecar_resources,
         })
@@ -110,6 +114,8 @@ def pod_template(name: str, namespace: str, spec: FleetSpec) -> dict[str, Any]:
         "metadata": {"labels": selector(name)},
         "spec": {
             "terminationGracePeriodSeconds": spec.termination_grace_s,
+            # Pollers never call the Kubernetes API: no token in the pod to steal.
+            "automountServiceAccountToken": False,
             "securityContext": {
                 "runAsNonRoot": True,
                 "seccompProfile": {"type": "RuntimeDefault"},
