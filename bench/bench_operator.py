@@ -1,13 +1,13 @@
 """Benchmark: how fast the fleet follows the load, and what a quiet fleet costs the API.
 
 kmock as the Kubernetes API (with the gaps tests/support/kube_api.py fills), the operator
-(kopf in its thread, POLLERFLEET_TICK_SECONDS and the fleet's syncIntervalSeconds as given),
+(kopf in its thread, the fleet's syncIntervalSeconds as given),
 a throwaway Postgres. Prints:
 - per step change of running jobs: seconds until the StatefulSet's spec.replicas changed
   (pods are played by tests.support.kube_api.FakePods: ready at once, syncing the topology);
 - over a quiet stretch: API requests per sync, and how many of them were writes.
 
-    python bench/bench_operator.py [--steps 5] [--sync 1] [--tick 0.2] [--quiet 10]
+    python bench/bench_operator.py [--steps 5] [--sync 1] [--quiet 10]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 
 async def main(args: argparse.Namespace) -> None:
-    os.environ["POLLERFLEET_TICK_SECONDS"] = str(args.tick)
     import asyncpg
 
     from poller.localpg import LocalPostgres
@@ -81,7 +80,7 @@ async def main(args: argparse.Namespace) -> None:
             syncs = (time.monotonic() - start) / args.sync
             writes = [r for r in quiet if r[0] in ("POST", "PATCH", "PUT", "DELETE")]
             print(f"\nstep → replicas: median {statistics.median(lags):.2f} s, "
-                  f"max {max(lags):.2f} s (sync interval {args.sync} s, tick {args.tick} s)")
+                  f"max {max(lags):.2f} s (sync interval {args.sync} s)")
             print(f"quiet fleet: {len(quiet)} API requests in {args.quiet:.0f} s "
                   f"≈ {len(quiet) / syncs:.2f} per sync, writes: {len(writes)}, "
                   f"status fields changed: {changed or 'none'}")
@@ -97,6 +96,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sync", type=int, default=1)
-    parser.add_argument("--tick", type=float, default=0.2)
     parser.add_argument("--quiet", type=float, default=10.0)
     asyncio.run(main(parser.parse_args()))

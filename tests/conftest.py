@@ -16,8 +16,6 @@ from poller.sidecar import serve
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn, make_jwt, migrate_like_supabase
 
-# The operator's timer tick, read when pollerfleet is imported: fast for tests.
-os.environ.setdefault("POLLERFLEET_TICK_SECONDS", "0.2")
 os.environ.setdefault("POLLERFLEET_METRICS_PORT", "0")  # tests read the registry directly
 
 _TEMPLATE = "soundcheck_template"

@@ -4,6 +4,7 @@ Kubernetes API, and the fleet load from a real Postgres through the SQL API."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -260,3 +261,86 @@ async def test_lowering_max_replicas_shrinks_through_the_handover(
     # … the timer hands 4 → 2 over first (three publications: [4], [4, 2], [2]).
     assert await conn.fetchval("select epoch from poller_topology where fleet = $1",
                                f"{NS}/load") >= 3
+
+
+async def test_what_the_spec_no_longer_says_leaves_the_template(cluster: Cluster) -> None:
+    # On a real API server a strategic-merge patch keeps list entries it does not mention
+    # (env, containers by name): a removed pollerEnv key or sidecar stayed, and switching
+    # to Supabase left DATABASE_URL beside SUPABASE_*, which the poller refuses.
+    path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
+    await cluster.post(f"/api/v1/namespaces/{NS}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sb"},
+        "data": {"url": "aHR0cDovL3NiLmV4YW1wbGU=", "key": "c2VjcmV0"}})
+    await cluster.post(path, fleet("trim", pollerEnv={"BATCH_SIZE": "500",
+                                                      "LOG_FORMAT": "json"}))
+
+    def poller_env() -> set[str]:
+        sts = cluster.get(STS, "trim")
+        containers = sts["spec"]["template"]["spec"]["containers"] if sts else []
+        return {e["name"] for e in containers[0]["env"]} if containers else set()
+
+    await cluster.until(lambda: {"BATCH_SIZE", "DATABASE_URL"} <= poller_env())
+    await cluster.patch(f"{path}/trim", {"spec": {
+        "pollerEnv": {"BATCH_SIZE": None}, "latencySidecar": False,  # merge patch: removed
+        "latencyApiUrl": "http://spreedb.internal:4402",
+        "database": {"secretName": "sb", "databaseUrlKey": None, "supabaseUrlKey": "url",
+                     "serviceRoleKeyKey": "key"}}})
+    await cluster.until(lambda: "SUPABASE_URL" in poller_env())
+    sts = cluster.get(STS, "trim")
+    assert sts is not None
+    assert [c["name"] for c in sts["spec"]["template"]["spec"]["containers"]] == ["poller"]
+    env = poller_env()
+    assert "BATCH_SIZE" not in env and "DATABASE_URL" not in env, env
+    assert {"LOG_FORMAT", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"} <= env
+
+
+async def test_the_emulation_merges_like_the_api_server(cluster: Cluster) -> None:
+    # The strictness the test above relies on: a dict patch from the kubernetes client is a
+    # strategic merge, and an env entry it leaves out stays.
+    from kubernetes import client as kc
+    from pollerfleet import kube
+
+    body = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "smp", "namespace": NS},
+            "spec": {"replicas": 1, "serviceName": "smp", "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [
+                         {"name": "c", "image": "i",
+                          "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}]}}}}
+    apps = kc.AppsV1Api(kube.api())
+    await asyncio.to_thread(apps.create_namespaced_stateful_set, NS, body)
+    body["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "A", "value": "9"}]
+    await asyncio.to_thread(apps.patch_namespaced_stateful_set, "smp", NS, body)
+    env = cluster.get(STS, "smp")["spec"]["template"]["spec"]["containers"][0]["env"]  # type: ignore[index]
+    assert env == [{"name": "A", "value": "9"}, {"name": "B", "value": "2"}]
+
+
+async def test_a_new_fleet_is_written_once_at_its_size(cluster: Cluster) -> None:
+    # Before: the create handler and the timer raced and the size went 3 → 0 → 3.
+    path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
+    await cluster.post(path, fleet("once", minReplicas=3, syncIntervalSeconds=1))
+    await cluster.until(lambda: cluster.fleet_status("once").get("topology") == "3")
+    # A few more syncs and a spec edit: the size never moves.
+    await cluster.patch(f"{path}/once", {"spec": {"image": "registry.example/p:3"}})
+    await cluster.until(lambda: cluster.fleet_status("once").get("observedGeneration") == 2)
+    assert cluster.replicas_history("once") == [3]
+
+
+async def test_the_sync_interval_is_the_one_the_spec_says(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pollerfleet import load
+
+    reads: list[float] = []
+    real = load.fleet_state
+
+    async def counted(fleet: str) -> Any:
+        if fleet.endswith("/tick"):
+            reads.append(time.monotonic())
+        return await real(fleet)
+
+    monkeypatch.setattr(load, "fleet_state", counted)
+    path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
+    await cluster.post(path, fleet("tick", syncIntervalSeconds=1))
+    await cluster.until(lambda: len(reads) >= 5, timeout=20)
+    gaps = [b - a for a, b in itertools.pairwise(reads)]
+    # Every second (before: every 5 s, the operator's fixed tick, whatever the spec said).
+    assert all(0.9 <= g <= 2.0 for g in gaps[:4]), gaps

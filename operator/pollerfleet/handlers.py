@@ -1,19 +1,24 @@
 """kopf handlers: translate between Kubernetes and the plain functions of this package.
 
-- create / resume / spec update → render the owned objects and apply them;
-- a timer every POLLERFLEET_TICK_SECONDS → at the fleet's syncIntervalSeconds, read the
-  fleet's state, decide the size (sizing.decide), take the next handover step
-  (handover.next_step: publish a topology, scale the StatefulSet), report status.
-An invalid spec becomes a condition and an event, never an exception (which kopf would
-retry forever). Status is patched only with what changed, so a quiet fleet costs reads
-only.
+One writer per fleet: a daemon (`fleet_loop`) wakes every `syncIntervalSeconds` (on the
+monotonic clock, so a step of the wall clock neither stops nor rushes it) and is the only
+code that writes the fleet's owned objects, their size included:
+
+    observe  the spec, the Secret's keys, the StatefulSet, the fleet state (SQL API)
+    decide   sizing.decide, handover.next_step, render.* (pure functions)
+    act      publish a topology, apply what changed (server-side apply), patch status
+
+A spec change only wakes the daemon, so a create or an edit never races a resize: the
+first StatefulSet is written once, already at its decided size. An invalid spec becomes a
+condition and an event, never an exception (which kopf would retry forever). Owned
+objects are applied only when their rendered digest changes, and status only with what
+changed, so a quiet fleet costs reads only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,12 +28,14 @@ from poller.store import StoreError
 
 from . import kube, load, metrics, render
 from .conditions import is_true, now_iso, set_condition
-from .handover import next_step
+from .handover import Step, next_step
 from .sizing import decide
 from .spec import FleetSpec, SpecError, parse
 
 GROUP, VERSION, PLURAL = "soundcheck.io", "v1alpha1", "pollerfleets"
-TICK_S = float(os.environ.get("POLLERFLEET_TICK_SECONDS", "5"))
+_ERROR_RETRY_S = 5.0  # after an unexpected error (the API server refused a write, …)
+
+log = logging.getLogger("pollerfleet")
 
 
 @kopf.on.startup()
@@ -47,91 +54,63 @@ async def close_store(**_: Any) -> None:
     await load.close()
 
 
-def _write_status(patch: kopf.Patch, status: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        if status.get(key) != value:
-            patch.status[key] = value
+def _wake(memo: kopf.Memo) -> asyncio.Event:
+    if "wake" not in memo:
+        memo["wake"] = asyncio.Event()
+    return memo["wake"]  # type: ignore[no-any-return]
 
 
-async def _validated(body: kopf.Body, spec: dict[str, Any], namespace: str,
-                     status: dict[str, Any], patch: kopf.Patch) -> FleetSpec | None:
-    """The parsed spec, or None after reporting why it cannot be acted on."""
-    try:
-        fleet = parse(spec)
-        keys = await asyncio.to_thread(kube.secret_keys, namespace, fleet.database.secret_name)
-        if keys is None:
-            raise SpecError(f"spec.database.secretName: Secret {fleet.database.secret_name!r} "
-                            f"not found in namespace {namespace!r}")
-        missing = sorted(set(fleet.database.keys) - keys)
-        if missing:
-            raise SpecError(f"spec.database: Secret {fleet.database.secret_name!r} has no "
-                            f"key {', '.join(missing)}")
-        return fleet
-    except SpecError as exc:
-        old = status.get("conditions") or []
-        conds = set_condition(old, "Ready", False, "InvalidSpec", str(exc))
-        if conds != old:  # an event per new problem, not per retry
-            kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        _write_status(patch, status, {
-            "conditions": conds,
-            "observedGeneration": body.metadata.get("generation"),
-        })
-        return None
-
-
-async def _apply_all(body: kopf.Body, name: str, namespace: str, fleet: FleetSpec,
-                     replicas: int) -> None:
-    for obj in (render.statefulset(name, namespace, fleet, replicas),
-                render.service(name, namespace), render.pdb(name, namespace)):
-        kopf.adopt(obj, owner=body)  # owner reference: deleting the fleet deletes these
-        await asyncio.to_thread(kube.apply, obj)
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def reconcile(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
-                    status: dict[str, Any], patch: kopf.Patch, **_: Any) -> None:
-    fleet = await _validated(body, spec, namespace, status, patch)
-    if fleet is None:
-        return
-    sts = await asyncio.to_thread(kube.read_statefulset, namespace, name)
-    # Keep the size the timer chose, even outside a new min/max: only the timer resizes,
-    # through the handover (lowering replicas here would drop pods before their buckets
-    # were handed over). A new fleet starts at minReplicas.
-    replicas = sts["spec"]["replicas"] if sts else fleet.min_replicas
-    await _apply_all(body, name, namespace, fleet, replicas)
-    conds = set_condition(status.get("conditions") or [], "Ready", True, "Reconciled",
-                          "owned objects match the spec")
-    _write_status(patch, status, {
-        "conditions": conds,
-        "desiredReplicas": replicas,
-        "observedGeneration": body.metadata.get("generation"),
-    })
+def spec_changed(memo: kopf.Memo, **_: Any) -> None:
+    """Act on the new spec now rather than at the next interval (the daemon acts)."""
+    _wake(memo).set()
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_S)
-async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
-               status: dict[str, Any], patch: kopf.Patch, memo: kopf.Memo,
-               **_: Any) -> None:
-    now = time.time()
-    if now - memo.get("last_sync", 0.0) < float(spec.get("syncIntervalSeconds", 30)):
-        return
-    memo["last_sync"] = now
-    fleet = await _validated(body, spec, namespace, status, patch)
-    if fleet is None:
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+async def fleet_loop(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
+                     **_: Any) -> None:
+    wake = _wake(memo)
+    while True:
+        wake.clear()
+        began = time.monotonic()
+        interval = _interval(body.get("spec") or {})
+        try:
+            await sync_fleet(body, name, namespace, memo)
+        except Exception:
+            log.exception("fleet %s/%s: sync failed, retrying", namespace, name)
+            interval = min(interval, _ERROR_RETRY_S)
+        try:
+            async with asyncio.timeout(max(0.0, began + interval - time.monotonic())):
+                await wake.wait()
+        except TimeoutError:
+            pass
+
+
+def _interval(spec: dict[str, Any]) -> float:
+    value = spec.get("syncIntervalSeconds", 30)
+    return float(value) if isinstance(value, int) and value >= 1 else 30.0
+
+
+async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo) -> None:
+    """One observe → decide → act round for a fleet."""
+    status: dict[str, Any] = memo.setdefault("status", dict(body.get("status") or {}))
+    conds = list(status.get("conditions") or [])
+    new: dict[str, Any] = {"observedGeneration": body.metadata.get("generation")}
+    # Observe.
+    try:
+        fleet = await _checked_spec(body.get("spec") or {}, namespace)
+    except SpecError as exc:
+        invalid = set_condition(conds, "Ready", False, "InvalidSpec", str(exc))
+        if invalid != conds:  # an event per new problem, not per sync
+            kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        await _write_status(namespace, name, status, {**new, "conditions": invalid})
         return
     sts = await asyncio.to_thread(kube.read_statefulset, namespace, name)
-    if sts is None:  # deleted behind our back, or a spec that was invalid until now
-        await _apply_all(body, name, namespace, fleet, 0)
-        return
-    pods = int(sts["spec"].get("replicas", 0))
-    ready = int((sts.get("status") or {}).get("readyReplicas", 0))
+    pods = int(sts["spec"].get("replicas", 0)) if sts else 0
+    ready = int(((sts or {}).get("status") or {}).get("readyReplicas", 0))
     key = render.fleet_key(namespace, name)
-    conds = set_condition(status.get("conditions") or [], "Ready", True, "Reconciled",
-                          "owned objects match the spec")
-    new: dict[str, Any] = {}
-    desired = pods
+    now = time.monotonic()
+    conds = set_condition(conds, "Ready", True, "Reconciled", "owned objects match the spec")
     try:
         state = await load.fleet_state(key)
     except StoreError as exc:
@@ -141,48 +120,82 @@ async def sync(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str,
         conds = set_condition(conds, "Degraded", True, "LoadUnavailable", str(exc))
         if was != conds and not is_true(was, "Degraded"):
             kopf.warn(body, reason="LoadUnavailable", message=f"keeping {pods} replicas: {exc}")
+        step, desired, topology = Step(), pods, None
     else:
+        # Decide.
         decision = decide(state.running_jobs, pods, fleet, tuple(memo.get("history", ())), now)
         memo["history"] = decision.history
         desired = decision.desired
         step = next_step(state.counts, state.epoch, pods, ready, desired, state.seen)
-        topology = state.counts
-        if step.publish is not None:
-            await load.publish_topology(key, step.publish)
-            topology = step.publish
-        if step.scale_to is not None and step.scale_to != pods:
-            await asyncio.to_thread(kube.scale_statefulset, namespace, name, step.scale_to)
-            kopf.info(body, reason="Scaled", message=(
-                f"{pods} → {step.scale_to} replicas for {state.running_jobs} running jobs"))
-            metrics.scale_events.labels(key).inc()
-            new["lastScaleTime"] = now_iso()
-        metrics.running_jobs.labels(key).set(state.running_jobs)
-        metrics.stale_jobs.labels(key).set(state.stale_jobs)
-        metrics.replicas_reporting.labels(key).set(state.reporting)
-        metrics.desired_replicas.labels(key).set(desired)
+        topology = step.publish or state.counts
         conds = _stale_condition(body, conds, state.stale_jobs, memo, now,
                                  window=float(fleet.stale_window_s))
-        new.update({
-            "runningJobs": state.running_jobs,
-            "staleJobs": state.stale_jobs,
-            "replicasReporting": state.reporting,
-            "topology": "+".join(map(str, topology or ())),
-        })
-        if step.waiting:
-            new["handover"] = step.waiting
-        elif status.get("handover"):
-            new["handover"] = None
+        for gauge, value in ((metrics.running_jobs, state.running_jobs),
+                             (metrics.stale_jobs, state.stale_jobs),
+                             (metrics.replicas_reporting, state.reporting),
+                             (metrics.desired_replicas, desired)):
+            gauge.labels(key).set(value)
+        new.update({"runningJobs": state.running_jobs, "staleJobs": state.stale_jobs,
+                    "replicasReporting": state.reporting,
+                    "topology": "+".join(map(str, topology or ())),
+                    "handover": step.waiting or None})
+    replicas = pods if step.scale_to is None else step.scale_to
+    # Act: the topology first (pods must find it), then the objects.
+    if step.publish is not None:
+        await load.publish_topology(key, step.publish)
+    await _apply_owned(body, name, namespace, fleet, replicas, sts, memo)
+    if sts is not None and replicas != pods:
+        kopf.info(body, reason="Scaled", message=f"{pods} → {replicas} replicas for "
+                  f"{new.get('runningJobs', '?')} running jobs")
+        metrics.scale_events.labels(key).inc()
+        new["lastScaleTime"] = now_iso()
     conds = set_condition(conds, "Scaling", ready != desired or pods != desired,
                           "Scaling" if ready != desired else "Stable",
                           f"{ready}/{desired} replicas ready")
-    new.update({
-        "desiredReplicas": desired,
-        "currentReplicas": int((sts.get("status") or {}).get("replicas", pods)),
-        "readyReplicas": ready,
-        "conditions": conds,
-        "observedGeneration": body.metadata.get("generation"),
-    })
-    _write_status(patch, status, new)
+    new.update({"desiredReplicas": desired, "readyReplicas": ready, "conditions": conds,
+                "currentReplicas": int(((sts or {}).get("status") or {}).get("replicas",
+                                                                            pods))})
+    await _write_status(namespace, name, status, new)
+
+
+async def _checked_spec(spec: dict[str, Any], namespace: str) -> FleetSpec:
+    """The parsed spec, once the Secret it names is known to hold its keys."""
+    fleet = parse(spec)
+    keys = await asyncio.to_thread(kube.secret_keys, namespace, fleet.database.secret_name)
+    if keys is None:
+        raise SpecError(f"spec.database.secretName: Secret {fleet.database.secret_name!r} "
+                        f"not found in namespace {namespace!r}")
+    missing = sorted(set(fleet.database.keys) - keys)
+    if missing:
+        raise SpecError(f"spec.database: Secret {fleet.database.secret_name!r} has no "
+                        f"key {', '.join(missing)}")
+    return fleet
+
+
+async def _apply_owned(body: kopf.Body, name: str, namespace: str, fleet: FleetSpec,
+                       replicas: int, sts: dict[str, Any] | None, memo: kopf.Memo) -> None:
+    """Apply each owned object whose rendering changed since it was last applied: the
+    StatefulSet compared with its observed annotation, the others with memory (applied
+    once per operator start, then on change)."""
+    applied: dict[str, str | None] = memo.setdefault("applied", {})
+    applied["StatefulSet"] = render.applied_hash(sts)
+    for obj in (render.statefulset(name, namespace, fleet, replicas),
+                render.service(name, namespace), render.pdb(name, namespace)):
+        kopf.adopt(obj, owner=body)  # owner reference: deleting the fleet deletes these
+        obj = render.stamped(obj)
+        digest = render.applied_hash(obj)
+        if applied.get(obj["kind"]) != digest:
+            await asyncio.to_thread(kube.apply, obj)
+            applied[obj["kind"]] = digest
+
+
+async def _write_status(namespace: str, name: str, status: dict[str, Any],
+                        new: dict[str, Any]) -> None:
+    """Patch only what changed; `status` is what this operator last wrote."""
+    changes = {k: v for k, v in new.items() if status.get(k) != v}
+    if changes:
+        await asyncio.to_thread(kube.patch_fleet_status, namespace, name, changes)
+        status.update(changes)
 
 
 def _stale_condition(body: kopf.Body, conds: list[dict[str, Any]], stale: int,

@@ -39,29 +39,36 @@ def _json(resp: Any) -> dict[str, Any]:
     return json.loads(resp.data)  # type: ignore[no-any-return]
 
 
-_CREATE = {
-    "StatefulSet": lambda a: client.AppsV1Api(a).create_namespaced_stateful_set,
-    "Service": lambda a: client.CoreV1Api(a).create_namespaced_service,
-    "PodDisruptionBudget": lambda a: client.PolicyV1Api(a).create_namespaced_pod_disruption_budget,
-}
-_PATCH = {
+FIELD_MANAGER = "pollerfleet-operator"
+
+_APPLY = {
     "StatefulSet": lambda a: client.AppsV1Api(a).patch_namespaced_stateful_set,
     "Service": lambda a: client.CoreV1Api(a).patch_namespaced_service,
     "PodDisruptionBudget": lambda a: client.PolicyV1Api(a).patch_namespaced_pod_disruption_budget,
 }
 
 
-def apply(obj: dict[str, Any]) -> str:
-    """Create the object, or patch it to match when it exists. Returns what was done."""
+def apply(obj: dict[str, Any]) -> None:
+    """Server-side apply: create the object, or make it exactly what is given.
+
+    A strategic-merge patch (the client's default for a dict) merges lists such as `env`
+    and `containers` by name, so an entry the spec no longer has would stay. Applied with
+    our field manager, fields this manager set before and no longer sets are removed.
+    `force`: the operator owns these objects, the size included (a `kubectl scale` is
+    undone at the next sync).
+    """
     kind, meta = obj["kind"], obj["metadata"]
-    try:
-        _CREATE[kind](api())(meta["namespace"], obj, _request_timeout=TIMEOUT_S)
-        return "created"
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    _PATCH[kind](api())(meta["name"], meta["namespace"], obj, _request_timeout=TIMEOUT_S)
-    return "patched"
+    _APPLY[kind](api())(meta["name"], meta["namespace"], obj, field_manager=FIELD_MANAGER,
+                        force=True, _content_type="application/apply-patch+yaml",
+                        _request_timeout=TIMEOUT_S)
+
+
+def patch_fleet_status(namespace: str, name: str, changes: dict[str, Any]) -> None:
+    """A JSON merge patch of the PollerFleet's status (custom resources take no strategic
+    merge: the client's default content type for a dict would be refused)."""
+    client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+        "soundcheck.io", "v1alpha1", namespace, "pollerfleets", name, {"status": changes},
+        _content_type="application/merge-patch+json", _request_timeout=TIMEOUT_S)
 
 
 def read_statefulset(namespace: str, name: str) -> dict[str, Any] | None:
@@ -72,11 +79,6 @@ def read_statefulset(namespace: str, name: str) -> dict[str, Any] | None:
         if exc.status == 404:
             return None
         raise
-
-
-def scale_statefulset(namespace: str, name: str, replicas: int) -> None:
-    client.AppsV1Api(api()).patch_namespaced_stateful_set(
-        name, namespace, {"spec": {"replicas": replicas}}, _request_timeout=TIMEOUT_S)
 
 
 def secret_keys(namespace: str, name: str) -> set[str] | None:

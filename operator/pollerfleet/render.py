@@ -8,6 +8,9 @@ by the namespaced "safe" sysctl `net.ipv4.ping_group_range`.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from typing import Any
 
 from .spec import FleetSpec
@@ -16,6 +19,9 @@ PORT = 3000
 SIDECAR_PORT = 4402  # the ping API, on the pod's loopback only
 SIDECAR_HEALTH_PORT = 4403  # /health alone, for the kubelet's probe of the pod IP
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+# The digest of what the operator last applied: it applies again only when this changes, so
+# a quiet fleet costs no writes and values the API server normalises cause no churn.
+APPLIED_HASH = "soundcheck.io/applied-hash"
 
 
 def labels(name: str) -> dict[str, str]:
@@ -163,3 +169,15 @@ def pdb(name: str, namespace: str) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
     }
+
+
+def stamped(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `obj` carrying the digest of its own content in an annotation."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    out = copy.deepcopy(obj)
+    out["metadata"].setdefault("annotations", {})[APPLIED_HASH] = digest
+    return out
+
+
+def applied_hash(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_HASH)

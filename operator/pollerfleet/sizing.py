@@ -19,7 +19,7 @@ from .spec import FleetSpec
 class Decision:
     desired: int
     recommendation: int
-    # (unix time, recommendation) within the stabilization window, newest last.
+    # (monotonic time, recommendation) within the stabilization window, newest last.
     history: tuple[tuple[float, int], ...]
 
 

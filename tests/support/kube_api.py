@@ -3,16 +3,20 @@
 kmock 0.8 stores objects as plain JSON. A real API server also sets metadata.uid,
 resourceVersion, generation and creationTimestamp, and names objects from generateName;
 kopf needs them (owner references carry the owner's uid; observedGeneration follows
-generation; events are created with generateName), so `FilledEmulator` adds them. Not
-filled (and not relied on): label selectors, strategic merge (a plain merge here), PUT,
-server-side apply, garbage collection of owned objects, schema validation — the CRD schema
-is checked offline instead (tests/test_manifests.py).
+generation; events are created with generateName), so `FilledEmulator` adds them. It also
+patches as the API server does (tests/support/k8s_patch.py): a dict from the `kubernetes`
+client is a strategic merge (keyed lists merged, so an `env` entry left out stays), and
+server-side apply (`application/apply-patch+yaml` with a `fieldManager`, creating the object
+if absent) removes what the manager no longer sets. Not filled (and not relied on): label
+selectors, PUT, garbage collection of owned objects, schema validation — the CRD schema is
+checked offline instead (tests/test_manifests.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import itertools
 import threading
 import uuid
@@ -31,6 +35,7 @@ from kubernetes import client as kc
 from pollerfleet import kube
 
 from poller.progress import Progress
+from tests.support.k8s_patch import server_side_apply, strategic_merge
 
 _versions = itertools.count(1)
 
@@ -41,8 +46,50 @@ class FilledEmulator(kmock.KubernetesEmulator):
         # Notified after every request: tests await a state instead of polling for it.
         self.progress = Progress()
         self.log: list[tuple[str, str]] = []  # (method, path) of every request served
+        # (resource, namespace, name, field manager) → what that manager applied last.
+        self.applied: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def _as_api_server(self, request: Any) -> Any:
+        """A strategic-merge or apply PATCH, turned into what kmock serves exactly: a JSON
+        patch of the resulting top-level fields, or a create."""
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if request.action != enums.action.UPDATE or request.name is None or ctype not in (
+                "application/strategic-merge-patch+json", "application/apply-patch+yaml"):
+            return request
+        key = (request.resource, request.namespace, request.name)
+        exists = key in self.objects and not self.objects[key].deleted
+        current = copy.deepcopy(self.objects[key].raw) if exists else None
+        if ctype == "application/apply-patch+yaml":
+            manager = request.params.get("fieldManager")
+            if not manager:
+                raise ValueError("fieldManager is required for apply patch")
+            merged = server_side_apply(current or {}, request.data,
+                                       self.applied.get((*key, manager)))
+            self.applied[(*key, manager)] = copy.deepcopy(request.data)
+            if current is None:
+                # As a create: kmock serves creates on the collection (no name).
+                return _rewrite(request, action=enums.action.CREATE, name=None,
+                                method=enums.method.POST, data=merged)
+        elif current is None:
+            return request  # kmock answers 404, as the API server does
+        else:
+            merged = strategic_merge(current, request.data)
+        ops: list[dict[str, Any]] = [{"op": "add", "path": f"/{k}", "value": v}
+                                     for k, v in merged.items() if current.get(k) != v]
+        ops += [{"op": "remove", "path": f"/{k}"} for k in current if k not in merged]
+        if current.get("spec") != merged.get("spec") and request.subresource is None:
+            generation = current.get("metadata", {}).get("generation", 1) + 1
+            ops.append({"op": "add", "path": "/metadata/generation", "value": generation})
+        return _rewrite(request, data=ops)
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        self.log.append((str(request.method.value).upper(), str(request.url.path)))
+        try:
+            request = self._as_api_server(request)
+        except ValueError as exc:
+            return aiohttp.web.json_response(status=400, data={
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 400,
+                "reason": "BadRequest", "message": str(exc)})
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -66,7 +113,6 @@ class FilledEmulator(kmock.KubernetesEmulator):
         if request.action == enums.action.UPDATE and isinstance(data, list):
             data.append({"op": "replace", "path": "/metadata/resourceVersion",
                          "value": str(next(_versions))})
-        self.log.append((str(request.method.value).upper(), str(request.url.path)))
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed:
@@ -77,6 +123,14 @@ class FilledEmulator(kmock.KubernetesEmulator):
                 "reason": "Invalid", "message": "the resourceVersion test failed"})
         finally:
             self.progress.notify()
+
+
+def _rewrite(request: Any, **fields: Any) -> Any:
+    """Change a (frozen) kmock request in place: kmock finds the reaction for a request by
+    its identity among the requests it recorded, so a copy would match nothing."""
+    for name, value in fields.items():
+        object.__setattr__(request, name, value)
+    return request
 
 
 _target: dict[str, Any] = {}
@@ -192,6 +246,15 @@ class Cluster:
             if cond["type"] == kind:
                 return cond  # type: ignore[no-any-return]
         return {}
+
+    def replicas_history(self, name: str) -> list[int]:
+        """Every spec.replicas the StatefulSet has had, in order (repeats collapsed)."""
+        key = (STS, NS, name)
+        if key not in self.emu.objects:
+            return []
+        values = [v.raw["spec"]["replicas"] for v in self.emu.objects[key].history.raw
+                  if v is not None]
+        return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
 
     def replicas(self, name: str) -> int | None:
         sts = self.get(STS, name)
