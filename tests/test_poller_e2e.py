@@ -220,10 +220,11 @@ async def test_stop_ends_within_the_grace_with_the_database_frozen(
     poller = PollerProcess({**FAST, "DATABASE_URL": own_pg.dsn, "LATENCY_API_URL": standin.url,
                             "BATCH_SIZE": "20", "DB_TIMEOUT_MS": "10000",
                             "SHUTDOWN_GRACE_MS": "3000"})
-    pids = _server_pids(own_pg)
+    pids: list[int] = []
     try:
         await poller.start()
         await poller.synced()
+        pids = _server_pids(own_pg)  # the postmaster and every backend, the poller's too
         _signal_all(pids, signal.SIGSTOP)
         async with asyncio.timeout(10):  # samples pile up behind a write that hangs
             await standin.progress.wait_for(lambda: sum(standin.requests.values()) >= 150)

@@ -241,3 +241,26 @@ async def test_an_asyncpg_state_error_is_an_outage_not_a_crash(dsn: str) -> None
         assert await store.api_version() >= 4  # a fresh connection works
     finally:
         await store.close()
+
+
+async def test_a_job_with_no_cadence_gets_a_system_error_and_is_completed(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    # Before: ignored, and `running` for ever. Now: one system_error sample saying why, and
+    # completed at its end (duration 0: at once).
+    started = datetime.now(UTC) - timedelta(minutes=2)
+    [no_cadence] = await add_jobs(conn, ["127.0.0.1"], cadence_seconds=0,
+                                  duration_minutes=1, started_at=started)
+    [no_duration] = await add_jobs(conn, ["127.0.0.1"], cadence_seconds=5,
+                                   duration_minutes=0, started_at=started)
+    svc = Service(settings(dsn, standin))
+    await svc.start()
+    try:
+        await until(svc.progress, lambda: count(svc, "jobs_completed") >= 2)
+    finally:
+        assert await svc.stop()
+    rows = await conn.fetch("select job_id, sequence_number, status::text from samples")
+    assert sorted((r["job_id"], r["sequence_number"], r["status"]) for r in rows) == sorted(
+        [(no_cadence, 0, "system_error"), (no_duration, 0, "system_error")])
+    assert {r["status"] for r in await conn.fetch("select status::text from jobs")} == {
+        "completed"}
+    assert sum(standin.requests.values()) == 0  # never sent to the pinger

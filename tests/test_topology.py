@@ -52,6 +52,38 @@ async def test_sync_fleet_records_a_heartbeat_and_owns_the_union(
     assert state["running_jobs"] == 100 and state["stale_jobs"] == 0
 
 
+async def test_the_heartbeat_reports_the_applied_topology_not_the_served_one(
+        conn: asyncpg.Connection) -> None:
+    # Before: the heartbeat recorded the epoch the database served, so a reply lost on its
+    # way let the operator shrink while the pod still ran the old topology.
+    ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 41)])
+    await publish(conn, [2])
+    await publish(conn, [2, 1])  # epoch 2, being handed over
+    out = json.loads(await conn.fetchval(
+        "select poller_fleet_sync($1, 0, 1, '{2}', 5, 'v', 1000)", FLEET))
+    assert (out["counts"], out["epoch"]) == ([2, 1], 2)  # served: the new topology …
+    assert {row["id"] for row in out["jobs"]} == {str(i) for i in ids}  # … replica 0's union
+    state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))
+    assert [(r["epoch"], r["counts"]) for r in state["replicas"]] == [(1, [2])]  # applied
+
+
+async def test_job_pages_cover_every_owned_job_once_in_id_order(
+        conn: asyncpg.Connection) -> None:
+    ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 51)])
+    seen: list[str] = []
+    after = None
+    for _ in range(20):  # bounded: 50 jobs in pages of 7
+        page = json.loads(await conn.fetchval(
+            "select poller_jobs_page(0, '{1}', $1, 7)", after))
+        seen += [row["id"] for row in page["jobs"]]
+        after = page["next"]
+        if after is None:
+            break
+    assert seen == sorted(str(i) for i in ids)
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="p_limit"):
+        await conn.fetchval("select poller_jobs_page(0, '{1}', null, 0)")
+
+
 async def test_stale_jobs_are_running_jobs_without_a_recent_sample(
         conn: asyncpg.Connection) -> None:
     fresh, stale, never = await add_jobs(conn, ["127.0.0.1"] * 3, cadence_seconds=10)
