@@ -101,6 +101,9 @@ def pod_template(name: str, namespace: str, spec: FleetSpec) -> dict[str, Any]:
         "resources": spec.resources,
     }
     containers = [poller]
+    sidecar_env = [{"name": "ICMP_SOCKET", "value": "dgram"}]
+    if "TARGET_DENY" in spec.poller_env:  # the sidecar refuses what the poller refuses
+        sidecar_env.append({"name": "TARGET_DENY", "value": spec.poller_env["TARGET_DENY"]})
     if spec.latency_sidecar:
         containers.append({
             "name": "latency-sidecar",
@@ -111,7 +114,7 @@ def pod_template(name: str, namespace: str, spec: FleetSpec) -> dict[str, Any]:
             "args": ["python", "-m", "poller.sidecar", "--host", "127.0.0.1",
                      "--port", str(SIDECAR_PORT), "--health-port", str(SIDECAR_HEALTH_PORT)],
             "ports": [{"name": "latency-health", "containerPort": SIDECAR_HEALTH_PORT}],
-            "env": [{"name": "ICMP_SOCKET", "value": "dgram"}],
+            "env": sidecar_env,
             "livenessProbe": _probe("/health", "latency-health", 10, 3),
             "securityContext": _security(),
             "resources": spec.sidecar_resources,

@@ -8,7 +8,8 @@ set local lock_timeout = '5s';
 
 -- Up to p_limit running real_polling jobs that replica p_replica_id owns under
 -- p_replica_counts, with ids above p_after (null: from the start), in id order.
--- {"jobs": [...], "next": <last id> | null}; null when this page is the last.
+-- {"jobs": [...], "next": <last id> | null}; null when this page is the last (so a replica
+-- whose jobs fit one page reads them in one call).
 create or replace function poller_jobs_page(p_replica_id int, p_replica_counts int[],
                                             p_after uuid, p_limit int)
 returns jsonb
@@ -37,13 +38,14 @@ begin
           and (p_after is null or j.id > p_after)
           and soundcheck_bucket(j.id) = any (v_buckets)
         order by j.id
-        limit p_limit)
-    select coalesce(jsonb_agg(to_jsonb(page) order by page.id), '[]'::jsonb), count(*),
-           (array_agg(page.id order by page.id desc))[1]
+        limit p_limit + 1),  -- one more than asked: tells whether another page follows
+    kept as (select * from page order by id limit p_limit)
+    select coalesce(jsonb_agg(to_jsonb(kept) order by kept.id), '[]'::jsonb),
+           (select count(*) from page), (array_agg(kept.id order by kept.id desc))[1]
     into v_jobs, v_count, v_last
-    from page;
+    from kept;
     return jsonb_build_object('jobs', v_jobs,
-                              'next', case when v_count = p_limit then v_last end);
+                              'next', case when v_count > p_limit then v_last end);
 end
 $$;
 
