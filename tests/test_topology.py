@@ -80,6 +80,9 @@ async def test_job_pages_cover_every_owned_job_once_in_id_order(
         if after is None:
             break
     assert seen == sorted(str(i) for i in ids)
+    # The bucket filter agrees with the Python partition (and soundcheck_bucket).
+    page = json.loads(await conn.fetchval("select poller_jobs_page(1, '{3}', null, 100)"))
+    assert {row["id"] for row in page["jobs"]} == {str(i) for i in ids if owns(i, 1, [3])}
     with pytest.raises(asyncpg.InvalidParameterValueError, match="p_limit"):
         await conn.fetchval("select poller_jobs_page(0, '{1}', null, 0)")
 

@@ -38,17 +38,21 @@ _RECORD_SQL = (
 # JSON in Python, and no stall of the event loop on a page of ten thousand jobs.
 _JOB_COLUMNS = ("x(id uuid, target_ip text, cadence_seconds int, duration_minutes int, "
                 "started_at timestamptz, last_ping_at timestamptz)")
+# MATERIALIZED: the function runs once, not once per output row (a subquery in FROM would
+# be pulled up and its stable function evaluated for every job of the page).
 _PAGE_SQL = (
+    "with p as materialized ("
+    "select poller_jobs_page($1::int, $2::int[], $3::uuid, $4::int) as page) "
     "select x.*, p.page->>'next' as next "
-    "from (select poller_jobs_page($1::int, $2::int[], $3::uuid, $4::int) as page) as p "
-    f"cross join jsonb_to_recordset(p.page->'jobs') as {_JOB_COLUMNS}"
+    f"from p cross join jsonb_to_recordset(p.page->'jobs') as {_JOB_COLUMNS}"
 )
 _FLEET_SQL = (
+    "with f as materialized ("
+    "select poller_fleet_sync($1, $2, $3, $4::int[], $5, $6, $7) as s) "
     "select x.*, f.s->>'next' as next, "
     "array(select jsonb_array_elements_text(f.s->'counts'))::int[] as counts, "
     "(f.s->>'epoch')::bigint as epoch "
-    "from (select poller_fleet_sync($1, $2, $3, $4::int[], $5, $6, $7) as s) as f "
-    f"left join lateral jsonb_to_recordset(f.s->'jobs') as {_JOB_COLUMNS} on true"
+    f"from f left join lateral jsonb_to_recordset(f.s->'jobs') as {_JOB_COLUMNS} on true"
 )
 
 
