@@ -61,8 +61,9 @@ def _wake(memo: kopf.Memo) -> asyncio.Event:
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def spec_changed(memo: kopf.Memo, **_: Any) -> None:
-    """Act on the new spec now rather than at the next interval (the daemon acts)."""
+async def spec_changed(memo: kopf.Memo, **_: Any) -> None:
+    """Act on the new spec now rather than at the next interval (the daemon acts). Async:
+    kopf runs plain functions in a thread, and an asyncio.Event is not thread-safe."""
     _wake(memo).set()
 
 

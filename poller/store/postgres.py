@@ -133,6 +133,9 @@ class PostgresStore:
             raise StoreMisconfigured(f"{MIGRATE_HINT} ({exc.__class__.__name__})") from None
         except _MISCONFIGURED as exc:
             raise StoreMisconfigured(f"database refused the poller: {exc}") from None
+        except TimeoutError:
+            raise StoreUnavailable("the database did not answer in time "
+                                   f"(DB_TIMEOUT_MS={self._timeout * 1000:g})") from None
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from None
         except asyncpg.PostgresError as exc:
