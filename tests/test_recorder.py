@@ -181,19 +181,28 @@ async def test_rows_the_database_rejects_are_set_aside_and_the_rest_written() ->
     assert rec.buffered == 0 and rec.last_error is None
 
 
-async def test_drops_are_counted_exactly_while_a_batch_is_being_written() -> None:
-    store = MemoryStore()
-    store.gate = asyncio.Event()  # the first write hangs until we let it through
+async def _overflow_during_a_write(store: MemoryStore) -> tuple[
+        Recorder, Metrics, asyncio.Task[None]]:
+    """Batch 0-9 is being written (held at the store's gate) when 12 more samples arrive:
+    22 > 15, so the 7 oldest (0-6, all in that write) leave the buffer."""
+    store.gate = asyncio.Event()
     rec, metrics = make(store, batch_size=10, max_buffered=15, flush_interval_s=3600)
     task = asyncio.create_task(rec.run())
     job = uuid4()
     for k in range(10):
         rec.add(sample(job, k))
     async with asyncio.timeout(5):
-        await store.progress.next()  # the batch 0-9 is being written
+        await store.progress.next()  # the write of 0-9 has begun
     for k in range(10, 22):
-        rec.add(sample(job, k))  # 22 > 15: the 7 oldest leave the buffer, 0-6 in the write
+        rec.add(sample(job, k))
+    assert metrics.value("soundcheck_poller_samples_dropped_total") == 0  # not yet known
     store.gate.set()
+    return rec, metrics, task
+
+
+async def test_drops_are_counted_exactly_while_a_batch_is_being_written() -> None:
+    store = MemoryStore()
+    _, metrics, task = await _overflow_during_a_write(store)
     await written(store, 20)
     task.cancel()
     # 0-9 were written by the write in flight: nothing of them was lost.
@@ -203,19 +212,8 @@ async def test_drops_are_counted_exactly_while_a_batch_is_being_written() -> Non
 
 async def test_drops_in_a_failed_write_are_counted_once_it_fails() -> None:
     store = MemoryStore()
-    store.gate = asyncio.Event()
     store.down = True
-    rec, metrics = make(store, batch_size=10, max_buffered=15, flush_interval_s=3600)
-    task = asyncio.create_task(rec.run())
-    job = uuid4()
-    for k in range(10):
-        rec.add(sample(job, k))
-    async with asyncio.timeout(5):
-        await store.progress.next()
-    for k in range(10, 22):
-        rec.add(sample(job, k))
-    assert metrics.value("soundcheck_poller_samples_dropped_total") == 0  # not yet known
-    store.gate.set()
+    rec, metrics, task = await _overflow_during_a_write(store)
     async with asyncio.timeout(5):
         await store.progress.wait_for(
             lambda: metrics.value("soundcheck_poller_flush_errors_total") >= 1)
