@@ -97,6 +97,7 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
     status: dict[str, Any] = memo.setdefault("status", dict(body.get("status") or {}))
     conds = list(status.get("conditions") or [])
     new: dict[str, Any] = {"observedGeneration": body.metadata.get("generation")}
+    key = render.fleet_key(namespace, name)
     # Observe.
     try:
         fleet = await _checked_spec(body.get("spec") or {}, namespace)
@@ -104,12 +105,12 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
         invalid = set_condition(conds, "Ready", False, "InvalidSpec", str(exc))
         if invalid != conds:  # an event per new problem, not per sync
             kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        metrics.condition.labels(key, "Ready").set(0)
         await _write_status(namespace, name, status, {**new, "conditions": invalid})
         return
     sts = await asyncio.to_thread(kube.read_statefulset, namespace, name)
     pods = int(sts["spec"].get("replicas", 0)) if sts else 0
     ready = int(((sts or {}).get("status") or {}).get("readyReplicas", 0))
-    key = render.fleet_key(namespace, name)
     now = time.monotonic()
     conds = set_condition(conds, "Ready", True, "Reconciled", "owned objects match the spec")
     try:
@@ -131,11 +132,18 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
         topology = step.publish or state.counts
         conds = _stale_condition(body, conds, state.stale_jobs, memo, now,
                                  window=float(fleet.stale_window_s))
+        metrics.syncs.labels(key).inc()
         for gauge, value in ((metrics.running_jobs, state.running_jobs),
                              (metrics.stale_jobs, state.stale_jobs),
                              (metrics.replicas_reporting, state.reporting),
                              (metrics.desired_replicas, desired)):
             gauge.labels(key).set(value)
+        if step.waiting:
+            waited = now - memo.setdefault("waiting_since", now)
+        else:
+            waited = 0.0
+            memo.pop("waiting_since", None)
+        metrics.handover_waiting.labels(key).set(waited)
         new.update({"runningJobs": state.running_jobs, "staleJobs": state.stale_jobs,
                     "replicasReporting": state.reporting,
                     "topology": "+".join(map(str, topology or ())),
@@ -153,6 +161,9 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
     conds = set_condition(conds, "Scaling", ready != desired or pods != desired,
                           "Scaling" if ready != desired else "Stable",
                           f"{ready}/{desired} replicas ready")
+    metrics.ready_replicas.labels(key).set(ready)
+    for cond in conds:
+        metrics.condition.labels(key, cond["type"]).set(cond["status"] == "True")
     new.update({"desiredReplicas": desired, "readyReplicas": ready, "conditions": conds,
                 "currentReplicas": int(((sts or {}).get("status") or {}).get("replicas",
                                                                             pods))})

@@ -17,6 +17,16 @@ desired_replicas = Gauge("soundcheck_operator_desired_replicas", "Pollers the fl
                          ["fleet"], registry=registry)
 replicas_reporting = Gauge("soundcheck_operator_replicas_reporting",
                            "Pollers with a recent heartbeat", ["fleet"], registry=registry)
+ready_replicas = Gauge("soundcheck_operator_ready_replicas", "Poller pods ready",
+                       ["fleet"], registry=registry)
+condition = Gauge("soundcheck_operator_fleet_condition",
+                  "1 when the fleet's condition (Ready, Scaling, Degraded) is True, else 0",
+                  ["fleet", "condition"], registry=registry)
+handover_waiting = Gauge("soundcheck_operator_handover_waiting_seconds",
+                         "How long the current handover step has been waited for (0: none)",
+                         ["fleet"], registry=registry)
+syncs = Counter("soundcheck_operator_syncs", "Fleet syncs that read the fleet state",
+                ["fleet"], registry=registry)
 scale_events = Counter("soundcheck_operator_scale_events", "StatefulSet resizes", ["fleet"],
                        registry=registry)
 load_errors = Counter("soundcheck_operator_load_errors", "Failed reads of the fleet state",
