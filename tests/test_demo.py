@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,9 @@ def test_demo_runs_and_removes_what_it_made() -> None:
     before = leftovers()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "poller", "demo", "--duration", "5",
+            # With Prometheus, long enough for its first scrape (discovery takes ~5 s).
+            [sys.executable, "-m", "poller", "demo",
+             "--duration", "12" if shutil.which("prometheus") else "5",
              "--unreachable", host.absent_ip],
             capture_output=True, text=True, timeout=120)
     finally:
@@ -41,10 +44,13 @@ def test_demo_runs_and_removes_what_it_made() -> None:
     assert summary["poller_exit_code"] == 0 and summary["samples"] >= 10
     table = proc.stdout.split("stopping…", 1)[1]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[3:] if line.strip()
-            and not line.startswith("{")}
+            and not line.startswith(("{", "Prometheus", "alert"))}
     assert rows["127.0.0.1"][6] == "success"
     assert rows["::1"][6] == "success"
     assert rows[host.absent_ip][4] != "0"  # missed pings counted
     assert rows["not-an-ip"][6] == "system_error"
+    if shutil.which("prometheus"):  # it scraped the poller and loaded the alert rules
+        assert "13 alert rules loaded; the poller's scrape: up" in proc.stdout
+        assert "alerts: none pending or firing" in table  # the unreachable target: none
     assert leftovers() == before  # its Postgres folder and logs are gone
     assert "\x1b[H" not in proc.stdout  # not a terminal: no redraw codes in the output
