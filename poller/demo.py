@@ -89,17 +89,24 @@ async def _start_sidecar(port: int, log: BinaryIO) -> asyncio.subprocess.Process
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "poller.sidecar", "--host", "127.0.0.1", "--port", str(port),
         "--timeout-ms", "1000", stdout=log, stderr=asyncio.subprocess.STDOUT)
-    # Ready when /health answers, or failed when it exits (e.g. no ICMP permission).
+    await _until_ready(proc, f"http://127.0.0.1:{port}/health", log, "the latency sidecar")
+    return proc
+
+
+async def _until_ready(proc: asyncio.subprocess.Process, url: str, log: BinaryIO,
+                       what: str, seconds: float = 15.0) -> None:
+    """Ready when `url` answers 200; failed when the process exits first (its log says
+    why: no ICMP permission, a port taken, …) or after `seconds`."""
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):  # 10 s at most
+        for _ in range(int(seconds / 0.05)):
             if proc.returncode is not None:
                 raise RuntimeError(await _tail(log))
             with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                async with session.get(url) as resp:
                     if resp.status == 200:
-                        return proc
+                        return
             await asyncio.sleep(0.05)
-    raise RuntimeError("the latency sidecar did not start within 10 s")
+    raise RuntimeError(f"{what} did not start within {seconds:.0f} s")
 
 
 async def _start_prometheus(workdir: Path, poller_port: int, log: BinaryIO
@@ -124,16 +131,8 @@ async def _start_prometheus(workdir: Path, poller_port: int, log: BinaryIO
         f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
         stdout=log, stderr=asyncio.subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):  # 15 s at most
-            if proc.returncode is not None:
-                raise RuntimeError(await _tail(log))
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{url}/-/ready") as resp:
-                    if resp.status == 200:
-                        return proc, url
-            await asyncio.sleep(0.05)
-    raise RuntimeError("Prometheus did not start within 15 s")
+    await _until_ready(proc, f"{url}/-/ready", log, "Prometheus")
+    return proc, url
 
 
 async def _alert_lines(url: str) -> list[str]:

@@ -3,7 +3,6 @@ operator renders, the example fleet against the CRD's own schema, and the Docker
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 import yaml
 from pollerfleet import render
 from pollerfleet.spec import parse
+
+from tests.support.kustomize import kustomize
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_VERSION = "1.32"  # oldest we support: the pod-index label needs 1.28+
@@ -56,16 +57,7 @@ def test_components_are_valid_kubernetes(kust: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_renders_with_the_network_policy(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": "soundcheck",
-        "resources": [os.path.relpath(ROOT / "manifests", tmp_path)],
-        "components": [os.path.relpath(ROOT / "manifests" / "components" / "network-policy",
-                                       tmp_path)]}))
-    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone",
-                          str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    objs = kustomize(tmp_path, ROOT / "manifests" / "components" / "network-policy")
     policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
     assert policy["metadata"]["namespace"] == "soundcheck"
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from poller.localpg import free_port
 from poller.metrics import Metrics
 from poller.service import Service
 from poller.settings import Settings
+from tests.support.kustomize import kustomize
 from tests.support.latency_standin import LatencyStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,19 +121,9 @@ def test_dashboard_is_importable_with_a_prometheus_input() -> None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_the_component_renders_with_kustomize(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": "soundcheck",
-        "resources": [os.path.relpath(ROOT / "manifests", tmp_path)],
-        "components": [os.path.relpath(MON, tmp_path)]}))
-    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    kinds = sorted(o["kind"] for o in objs if o["apiVersion"].startswith("monitoring."))
-    assert kinds == ["PodMonitor", "PodMonitor", "PrometheusRule"]
-    assert all(o["metadata"]["namespace"] == "soundcheck" for o in objs
-               if o["apiVersion"].startswith("monitoring."))
+    objs = [o for o in kustomize(tmp_path, MON) if o["apiVersion"].startswith("monitoring.")]
+    assert sorted(o["kind"] for o in objs) == ["PodMonitor", "PodMonitor", "PrometheusRule"]
+    assert all(o["metadata"]["namespace"] == "soundcheck" for o in objs)
 
 
 def test_scrape_example_sets_the_labels_the_rules_use() -> None:
