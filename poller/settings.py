@@ -57,7 +57,7 @@ class Settings(BaseModel):
     batch_flush_interval_ms: int = Field(2_000, ge=10, alias="BATCH_FLUSH_INTERVAL_MS")
     batch_size: int = Field(100, ge=1, le=50_000, alias="BATCH_SIZE")
     # Jobs per page of a sync (each page is one call and one JSON value).
-    sync_page_size: int = Field(10_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
+    sync_page_size: int = Field(25_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
     max_buffered_samples: int = Field(200_000, ge=1, alias="MAX_BUFFERED_SAMPLES")
     retry_max_backoff_ms: int = Field(30_000, ge=100, alias="RETRY_MAX_BACKOFF_MS")
 
