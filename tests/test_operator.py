@@ -344,3 +344,34 @@ async def test_the_sync_interval_is_the_one_the_spec_says(
     gaps = [b - a for a, b in itertools.pairwise(reads)]
     # Every second (before: every 5 s, the operator's fixed tick, whatever the spec said).
     assert all(0.9 <= g <= 2.0 for g in gaps[:4]), gaps
+
+
+async def test_a_wall_clock_step_neither_stops_nor_rushes_the_fleet(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch, conn: asyncpg.Connection) -> None:
+    # Before: sync timing and the stabilization window used time.time(): a step back
+    # stopped syncing, a step forward emptied the window and shrank the fleet at once.
+    from pollerfleet import load
+
+    reads: list[float] = []
+    real_state = load.fleet_state
+
+    async def counted(fleet: str) -> Any:
+        if fleet.endswith("/clock"):
+            reads.append(time.monotonic())
+        return await real_state(fleet)
+
+    monkeypatch.setattr(load, "fleet_state", counted)
+    ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 31)])
+    path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
+    await cluster.post(path, fleet("clock", syncIntervalSeconds=1,
+                                   scaleDownStabilizationSeconds=3600))
+    await cluster.until(lambda: cluster.replicas("clock") == 3)
+    await conn.execute("update jobs set status = 'cancelled' where id = any($1::uuid[])",
+                       ids[10:])
+    real_time = time.time
+    for step in (-3600.0, 7200.0):  # an hour back, then an hour ahead of the real time
+        monkeypatch.setattr(time, "time", lambda s=step: real_time() + s)
+        seen = len(reads)
+        await cluster.until(lambda n=seen: len(reads) >= n + 3)  # still syncing
+        assert cluster.replicas("clock") == 3  # and no shrink before the window has passed
+    assert cluster.fleet_status("clock").get("runningJobs") == 10
