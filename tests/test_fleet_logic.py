@@ -115,6 +115,20 @@ def test_render_supabase_secrets_and_no_sidecar() -> None:
     assert all("value" not in e for e in env.values() if "valueFrom" in e)  # no secret inline
 
 
+def test_render_sidecar_pings_on_loopback_and_pods_hold_no_token() -> None:
+    s = spec(latencySidecar=True, latencyApiUrl=None,
+             pollerEnv={"TARGET_DENY": "10.0.0.0/8"})
+    pod = render.pod_template("f", "ns", s)
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    _, sidecar = pod["spec"]["containers"]
+    args = sidecar["args"]
+    assert args[args.index("--host") + 1] == "127.0.0.1"  # the ping API: loopback only
+    assert sidecar["livenessProbe"]["httpGet"]["port"] == "latency-health"
+    assert [p["containerPort"] for p in sidecar["ports"]] == [render.SIDECAR_HEALTH_PORT]
+    assert _env(pod)["LATENCY_API_URL"]["value"] == f"http://127.0.0.1:{render.SIDECAR_PORT}"
+    assert {"name": "TARGET_DENY", "value": "10.0.0.0/8"} in sidecar["env"]
+
+
 def test_render_shutdown_grace_fits_the_pod_grace() -> None:
     s = spec(terminationGracePeriodSeconds=40)
     pod = render.pod_template("f", "ns", s)

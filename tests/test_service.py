@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -264,3 +265,37 @@ async def test_a_job_with_no_cadence_gets_a_system_error_and_is_completed(
     assert {r["status"] for r in await conn.fetch("select status::text from jobs")} == {
         "completed"}
     assert sum(standin.requests.values()) == 0  # never sent to the pinger
+
+
+async def test_a_value_the_database_rejects_is_set_aside_on_both_transports(
+        conn: asyncpg.Connection, dsn: str, db_env: Any) -> None:
+    # numeric(10,2) holds no 1e9 ms: Postgres refuses the batch with SQLSTATE 22003 (through
+    # PostgREST: HTTP 400 with that code). Before: an outage, retried for ever, every later
+    # sample held up. Now: that sample is set aside and the rest written.
+    from poller.metrics import Metrics
+    from poller.models import Sample, SampleStatus
+    from poller.recorder import Recorder
+    from poller.service import make_store
+
+    [job] = await add_jobs(conn, ["127.0.0.1"])
+    store = make_store(Settings.from_env(await db_env(dsn)))
+    await store.open()
+    metrics = Metrics()
+    rec = Recorder(store, metrics, batch_size=50, flush_interval_s=0.05, max_buffered=1000,
+                   max_backoff_s=0.1)
+    task = asyncio.create_task(rec.run())
+    now = datetime.now(UTC)
+    try:
+        for k in range(50):
+            rec.add(Sample(job, k, SampleStatus.SUCCESS, 1e9 if k == 17 else 1.5, None, now))
+        async with asyncio.timeout(20):
+            await rec.progress.wait_for(lambda: rec.buffered == 0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+    seqs = {r["sequence_number"] for r in await conn.fetch(
+        "select sequence_number from samples where job_id = $1", job)}
+    assert seqs == set(range(50)) - {17}
+    assert metrics.value("soundcheck_poller_samples_rejected_total") == 1
+    assert metrics.value("soundcheck_poller_flush_errors_total") == 0
