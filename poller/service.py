@@ -7,6 +7,7 @@ handling in one place, every background task owned and awaited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -114,6 +115,10 @@ class Service:
                                    policy=TargetPolicy(parse_networks(s.target_deny)))
         self.replica_counts = [s.replica_count]
         self.applied = Applied()  # the fleet topology the scheduler has taken up
+        self.live: tuple[int, ...] = ()  # the fleet's live replicas, as of the last sync
+        self.leaving = False  # stopping in a fleet: others are taking this replica's share
+        self.handed_over = asyncio.Event()  # … and have, as far as the database has seen
+        self._sync_now = asyncio.Event()
         self.crashed = False
         self.stopping = asyncio.Event()
         self.first_sync_done = False
@@ -150,6 +155,8 @@ class Service:
         deadline = time.monotonic() + self.settings.shutdown_grace_ms / 1000
         log.info("stopping: no new pings; finishing %d out, %d samples buffered",
                  self.prober.pending, self.recorder.buffered)
+        if self.settings.fleet_name and self.first_sync_done and not self.sync_error:
+            await self._hand_over(deadline)
         self.scheduler.stop()
         tasks = [t for t in self._tasks.values() if not t.done()]
         for task in tasks:
@@ -176,6 +183,21 @@ class Service:
                  "all samples written" if complete else "samples were lost", pings,
                  self.metrics.value("soundcheck_poller_samples_written_total"))
         return complete
+
+    async def _hand_over(self, deadline: float) -> None:
+        """Say this replica is leaving and keep pinging until every live replica has applied
+        a sync made after that (so they ping its share), within half the grace: a graceful
+        stop (rolling update, eviction, scale-down) then leaves no slot unpinged."""
+        budget = _left(deadline) / 2
+        self.leaving = True
+        self._sync_now.set()
+        try:
+            async with asyncio.timeout(budget):
+                await self.handed_over.wait()
+            log.info("handed over: the live replicas ping this replica's share")
+        except TimeoutError:
+            log.warning("stopping after %.1fs without a confirmed handover: the others take "
+                        "this replica's share once they sync", budget)
 
     async def run(self, on_stop: Callable[[float], None] | None = None) -> int:
         """Start, wait for SIGTERM/SIGINT, stop. The process exit code.
@@ -231,7 +253,11 @@ class Service:
                           len(self.scheduler.jobs), exc)
                 raise_if_cancelling()
             self.progress.notify()
-            await asyncio.sleep(interval)
+            self._sync_now.clear()
+            # Leaving: sync often, so the handover is seen as soon as it happens.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(interval, 0.25) if self.leaving else interval):
+                    await self._sync_now.wait()
 
     async def sync_once(self) -> None:
         s = self.settings
@@ -239,19 +265,28 @@ class Service:
             # The topology comes with the first page, and this sync is our heartbeat: it
             # reports the topology applied by the previous sync, never the one served now.
             synced = await self.store.fleet_sync(s.fleet_name, s.replica_id, self.applied,
-                                                 len(self.scheduler.jobs), __version__,
-                                                 s.sync_page_size)
+                                                 self.leaving, len(self.scheduler.jobs),
+                                                 __version__, s.sync_page_size)
             if list(synced.counts) != self.replica_counts:
                 log.info("topology %s (epoch %d): replica %d now owns its share under it",
                          "+".join(map(str, synced.counts)), synced.epoch, s.replica_id)
                 self.replica_counts = list(synced.counts)
-            jobs = await read_jobs(self.store, s.replica_id, synced.counts, s.sync_page_size,
-                                   synced.first)
+            if synced.live != self.live:
+                log.info("live replicas: %s (failover after %ds of silence); the buckets of "
+                         "the others are shared among them", ",".join(map(str, synced.live))
+                         or "none", synced.failover_s)
+                self.live = synced.live
+            buckets = synced.buckets
+            jobs = await read_jobs(
+                lambda after: self.store.jobs_in_buckets(buckets, after, s.sync_page_size),
+                synced.first)
             await self.scheduler.update(jobs)
-            self.applied = Applied(synced.epoch, synced.counts)
+            self.applied = Applied(synced.epoch, synced.counts, synced.now)
+            if self.leaving and synced.taken_over:
+                self.handed_over.set()
         else:
-            jobs = await read_jobs(self.store, s.replica_id, self.replica_counts,
-                                   s.sync_page_size)
+            jobs = await read_jobs(lambda after: self.store.jobs_page(
+                s.replica_id, self.replica_counts, after, s.sync_page_size))
             await self.scheduler.update(jobs)
         if not self.first_sync_done or self.sync_error:
             log.info("synced: %d jobs owned", len(self.scheduler.jobs))

@@ -117,3 +117,57 @@ def test_overlap_owns_both_shares() -> None:
 ])
 def test_ordinal_from_hostname(host: str, ordinal: int | None) -> None:
     assert ordinal_from_hostname(host) == ordinal
+
+
+# Failover: the ownership rule with a live set (property tests).
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from poller.partition import owned_buckets_live, owner, rendezvous  # noqa: E402
+
+counts_st = st.integers(min_value=1, max_value=12)
+live_st = st.frozensets(st.integers(min_value=0, max_value=11), min_size=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts_st, live_st)
+def test_every_bucket_has_exactly_one_live_owner(n: int, live: frozenset[int]) -> None:
+    live = frozenset(r for r in live if r < n) or frozenset({0})
+    claims = {r: owned_buckets_live(r, [n], live) for r in live}
+    for b in range(BUCKETS):
+        holders = [r for r, owned in claims.items() if b in owned]
+        assert holders == [owner(b, n, live)], (b, holders)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts_st, live_st, st.integers(min_value=0, max_value=11))
+def test_a_replica_going_or_coming_moves_only_what_it_owned(
+        n: int, live: frozenset[int], changed: int) -> None:
+    live = frozenset(r for r in live if r < n) | {n - 1}
+    changed = changed % n
+    before = live | {changed}
+    after = (live - {changed}) or {n - 1 if changed != n - 1 else 0}
+    if changed == (n - 1) and not (live - {changed}):
+        return  # no replica would be left: nothing to compare
+    for b in range(BUCKETS):
+        was, now = owner(b, n, before), owner(b, n, frozenset(after))
+        if was != now:
+            assert changed in (was, now), (b, was, now)
+
+
+def test_a_replica_keeps_its_own_primaries_even_when_not_live() -> None:
+    # A leaving replica pings its buckets until the others have taken them.
+    mine = owned_buckets_live(2, [4], live={0, 1, 3})
+    assert mine == owned_buckets(2, [4])
+    assert rendezvous(5, []) is None
+
+
+async def test_sql_live_ownership_matches_python(conn: asyncpg.Connection) -> None:
+    for replica, counts, live in ((0, [3], [1, 2]), (1, [3], [1, 2]), (2, [4, 5], [0, 4]),
+                                  (3, [5], [0, 1, 2, 3, 4]), (0, [1], []), (4, [3], [0])):
+        got = await conn.fetchval("select soundcheck_owned_buckets_live($1, $2, $3)",
+                                  replica, counts, live)
+        assert frozenset(got) == owned_buckets_live(replica, counts, live), (replica, live)
+    for b in range(0, BUCKETS, 37):
+        assert await conn.fetchval("select soundcheck_rendezvous($1, $2)", b,
+                                   [0, 3, 5, 9]) == rendezvous(b, [0, 3, 5, 9])

@@ -48,7 +48,7 @@ async def test_sync_fleet_records_a_heartbeat_and_owns_the_union(
     state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))
     assert state["replicas"][0] | {"age_s": 0} == {
         "replica_id": 3, "epoch": 1, "counts": [3, 4], "owned_jobs": 7, "version": "0.1.0",
-        "age_s": 0}
+        "leaving": False, "age_s": 0}
     assert state["running_jobs"] == 100 and state["stale_jobs"] == 0
 
 

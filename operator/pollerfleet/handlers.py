@@ -24,7 +24,7 @@ from typing import Any
 
 import kopf
 
-from poller.store import StoreError
+from poller.store import FleetState, StoreError
 
 from . import kube, load, metrics, render
 from .conditions import is_true, now_iso, set_condition
@@ -122,7 +122,7 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
         conds = set_condition(conds, "Degraded", True, "LoadUnavailable", str(exc))
         if was != conds and not is_true(was, "Degraded"):
             kopf.warn(body, reason="LoadUnavailable", message=f"keeping {pods} replicas: {exc}")
-        step, desired, topology = Step(), pods, None
+        step, desired, topology, state = Step(), pods, None, None
     else:
         # Decide.
         decision = decide(state.running_jobs, pods, fleet, tuple(memo.get("history", ())), now)
@@ -132,6 +132,9 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
         topology = step.publish or state.counts
         conds = _stale_condition(body, conds, state.stale_jobs, memo, now,
                                  window=float(fleet.stale_window_s))
+        conds = _silent_condition(body, conds, state, memo)
+        new["silentReplicas"] = ",".join(map(str, sorted(state.silent))) or None
+        metrics.replicas_silent.labels(key).set(len(state.silent))
         metrics.syncs.labels(key).inc()
         for gauge, value in ((metrics.running_jobs, state.running_jobs),
                              (metrics.stale_jobs, state.stale_jobs),
@@ -152,6 +155,8 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
     # Act: the topology first (pods must find it), then the objects.
     if step.publish is not None:
         await load.publish_topology(key, step.publish)
+    if state is not None and topology and state.failover_s != fleet.failover_s:
+        await load.set_failover(key, fleet.failover_s)
     await _apply_owned(body, name, namespace, fleet, replicas, sts, memo)
     if sts is not None and replicas != pods:
         kopf.info(body, reason="Scaled", message=f"{pods} → {replicas} replicas for "
@@ -225,3 +230,21 @@ def _stale_condition(body: kopf.Body, conds: list[dict[str, Any]], stale: int,
     if not is_true(conds, "Degraded"):
         kopf.warn(body, reason="StaleJobs", message=message)
     return set_condition(conds, "Degraded", True, "StaleJobs", message)
+
+
+def _silent_condition(body: kopf.Body, conds: list[dict[str, Any]], state: FleetState,
+                      memo: kopf.Memo) -> list[dict[str, Any]]:
+    """`Failover` while replicas are silent past the failover timeout; one event for each
+    replica that goes silent (the live ones ping its share meanwhile)."""
+    before: set[int] = memo.get("silent", set())
+    for replica in sorted(set(state.silent) - before):
+        kopf.warn(body, reason="ReplicaSilent", message=(
+            f"replica {replica} has not synced for {state.silent[replica]:.0f}s (failover "
+            f"after {state.failover_s}s): the live replicas ping its share until it is back"))
+    memo["silent"] = set(state.silent)
+    if not state.silent:
+        return set_condition(conds, "Failover", False, "AllReporting",
+                             "every replica syncs within the failover timeout")
+    return set_condition(conds, "Failover", True, "ReplicasSilent",
+                         f"replicas {','.join(map(str, sorted(state.silent)))} silent; their "
+                         "share is pinged by the live replicas")

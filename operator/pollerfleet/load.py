@@ -52,6 +52,10 @@ async def publish_topology(fleet: str, counts: tuple[int, ...]) -> int:
     return await (await _opened()).publish_topology(fleet, counts)
 
 
+async def set_failover(fleet: str, failover_s: int) -> None:
+    await (await _opened()).set_failover(fleet, failover_s)
+
+
 async def close() -> None:
     global _store
     if _store is not None:

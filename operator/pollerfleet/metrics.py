@@ -25,6 +25,9 @@ condition = Gauge("soundcheck_operator_fleet_condition",
 handover_waiting = Gauge("soundcheck_operator_handover_waiting_seconds",
                          "How long the current handover step has been waited for (0: none)",
                          ["fleet"], registry=registry)
+replicas_silent = Gauge("soundcheck_operator_replicas_silent",
+                        "Pollers silent past the failover timeout (others ping their share)",
+                        ["fleet"], registry=registry)
 syncs = Counter("soundcheck_operator_syncs", "Fleet syncs that read the fleet state",
                 ["fleet"], registry=registry)
 scale_events = Counter("soundcheck_operator_scale_events", "StatefulSet resizes", ["fleet"],

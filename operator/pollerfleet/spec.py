@@ -55,6 +55,7 @@ class FleetSpec:
     sidecar_resources: dict[str, Any] = field(default_factory=dict)
     termination_grace_s: int = 30
     stale_window_s: int = 120
+    failover_s: int = 15
 
 
 def _int(spec: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
@@ -112,4 +113,5 @@ def parse(spec: Mapping[str, Any]) -> FleetSpec:
         sidecar_resources=dict(spec.get("sidecarResources") or {}),
         termination_grace_s=_int(spec, "terminationGracePeriodSeconds", 30, 5),
         stale_window_s=_int(spec, "staleJobsWindowSeconds", 120, 0),
+        failover_s=_int(spec, "failoverTimeoutSeconds", 15, 1),
     )

@@ -14,15 +14,15 @@ result at db-max-rows, set-returning RPCs included, but never a single value.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
 from ..models import Job, RecordResult, Sample
 
-API_VERSION = 4  # the oldest poller_api_version() this poller works with (paged sync)
+API_VERSION = 5  # the oldest poller_api_version() this poller works with (failover)
 OPERATOR_API_VERSION = 3  # what the operator reads and writes (topology, fleet state)
 
 
@@ -69,12 +69,17 @@ class Store(Protocol):
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult: ...
 
-    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied,
+    async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
+                              limit: int) -> JobsPage: ...
+
+    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
                          owned_jobs: int, version: str, limit: int) -> FleetSync: ...
 
     async def fleet_state(self, fleet: str) -> FleetState: ...
 
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int: ...
+
+    async def set_failover(self, fleet: str, failover_s: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -90,33 +95,46 @@ class JobsPage:
 
 @dataclass(frozen=True)
 class Applied:
-    """The topology a poller has taken up (epoch 0: none yet); its heartbeat reports it."""
+    """What a poller has taken up from its last fleet sync (epoch 0: nothing yet): its
+    heartbeat reports it, so the operator and leaving replicas know what others apply."""
 
     epoch: int = 0
     counts: tuple[int, ...] = ()
+    at: datetime | None = None  # the database time of that sync
 
 
 @dataclass(frozen=True)
 class FleetSync:
-    """One sync in a fleet: the topology to apply and the first page of the jobs."""
+    """One sync in a fleet: the topology, the live replicas, the buckets this replica pings
+    with them, the first page of its jobs, and for a leaving replica whether its share has
+    been taken over."""
 
     counts: tuple[int, ...]
     epoch: int
+    live: tuple[int, ...]
+    buckets: tuple[int, ...]
+    failover_s: int
+    now: datetime
+    taken_over: bool
     first: JobsPage
 
     @classmethod
     def from_json(cls, out: dict[str, Any]) -> FleetSync:
         return cls(tuple(int(n) for n in out["counts"]), int(out["epoch"]),
-                   JobsPage.from_json(out))
+                   tuple(int(r) for r in out["live"]), tuple(int(b) for b in out["buckets"]),
+                   int(out["failover_s"]), datetime.fromisoformat(out["now"]),
+                   bool(out["taken_over"]), JobsPage.from_json(out))
 
 
-async def read_jobs(store: Store, replica_id: int, counts: Sequence[int], limit: int,
-                    first: JobsPage | None = None) -> list[Job]:
-    """Every job the replica owns, page after page in id order (one call per page)."""
-    page = first or await store.jobs_page(replica_id, counts, None, limit)
+PageFetch = Callable[[UUID | None], Awaitable[JobsPage]]
+
+
+async def read_jobs(fetch: PageFetch, first: JobsPage | None = None) -> list[Job]:
+    """Every job of a sync, page after page in id order (one call per page)."""
+    page = first or await fetch(None)
     jobs = list(page.jobs)
     while page.next is not None:
-        page = await store.jobs_page(replica_id, counts, page.next, limit)
+        page = await fetch(page.next)
         jobs.extend(page.jobs)
     return jobs
 
@@ -127,21 +145,30 @@ class FleetState:
 
     counts: tuple[int, ...] | None
     epoch: int
-    seen: dict[int, int]  # replica id → the topology epoch it last synced with
+    seen: dict[int, int]  # replica id → the topology epoch it last applied
     reporting: int  # replicas whose last heartbeat is recent
     running_jobs: int
     stale_jobs: int
+    failover_s: int = 15
+    silent: dict[int, float] = field(default_factory=dict)  # replica → seconds since sync
 
     @classmethod
     def from_json(cls, out: dict[str, Any], fresh_s: float = 60.0) -> FleetState:
         replicas = out.get("replicas") or []
+        counts = tuple(out["counts"]) if out.get("counts") else None
+        failover = int(out.get("failover_s") or 15)
+        size = max(counts) if counts else 0
         return cls(
-            counts=tuple(out["counts"]) if out.get("counts") else None,
+            counts=counts,
             epoch=int(out.get("epoch") or 0),
             seen={int(r["replica_id"]): int(r["epoch"]) for r in replicas},
             reporting=sum(1 for r in replicas if float(r["age_s"]) < fresh_s),
             running_jobs=int(out["running_jobs"]),
             stale_jobs=int(out["stale_jobs"]),
+            failover_s=failover,
+            silent={int(r["replica_id"]): float(r["age_s"]) for r in replicas
+                    if int(r["replica_id"]) < size and not r.get("leaving")
+                    and float(r["age_s"]) > failover},
         )
 
 

@@ -46,12 +46,21 @@ _PAGE_SQL = (
     "select x.*, p.page->>'next' as next "
     f"from p cross join jsonb_to_recordset(p.page->'jobs') as {_JOB_COLUMNS}"
 )
+_BUCKETS_SQL = (
+    "with p as materialized ("
+    "select poller_jobs_in_buckets($1::int[], $2::uuid, $3::int) as page) "
+    "select x.*, p.page->>'next' as next "
+    f"from p cross join jsonb_to_recordset(p.page->'jobs') as {_JOB_COLUMNS}"
+)
 _FLEET_SQL = (
     "with f as materialized ("
-    "select poller_fleet_sync($1, $2, $3, $4::int[], $5, $6, $7) as s) "
+    "select poller_fleet_sync_live($1, $2, $3, $4::int[], $5, $6, $7, $8, $9) as s) "
     "select x.*, f.s->>'next' as next, "
     "array(select jsonb_array_elements_text(f.s->'counts'))::int[] as counts, "
-    "(f.s->>'epoch')::bigint as epoch "
+    "array(select jsonb_array_elements_text(f.s->'live'))::int[] as live, "
+    "array(select jsonb_array_elements_text(f.s->'buckets'))::int[] as buckets, "
+    "(f.s->>'epoch')::bigint as epoch, (f.s->>'failover_s')::int as failover_s, "
+    "(f.s->>'now')::timestamptz as now, (f.s->>'taken_over')::bool as taken_over "
     f"from f left join lateral jsonb_to_recordset(f.s->'jobs') as {_JOB_COLUMNS} on true"
 )
 
@@ -171,12 +180,19 @@ class PostgresStore:
                                 limit)
         return _page(rows)  # type: ignore[arg-type]
 
-    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied,
+    async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
+                              limit: int) -> JobsPage:
+        rows = await self._call("fetch", _BUCKETS_SQL, list(buckets), after, limit)
+        return _page(rows)  # type: ignore[arg-type]
+
+    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
                          owned_jobs: int, version: str, limit: int) -> FleetSync:
         rows = await self._call("fetch", _FLEET_SQL, fleet, replica_id, applied.epoch,
-                                list(applied.counts), owned_jobs, version, limit)
-        first = rows[0]  # type: ignore[index]
-        return FleetSync(tuple(first["counts"]), first["epoch"], _page(rows))  # type: ignore[arg-type]
+                                list(applied.counts), applied.at, leaving, owned_jobs,
+                                version, limit)
+        s = rows[0]  # type: ignore[index]
+        return FleetSync(tuple(s["counts"]), s["epoch"], tuple(s["live"]), tuple(s["buckets"]),
+                         s["failover_s"], s["now"], s["taken_over"], _page(rows))  # type: ignore[arg-type]
 
     async def fleet_state(self, fleet: str) -> FleetState:
         raw = await self._call("fetchval", "select poller_fleet_state($1)", fleet)
@@ -185,6 +201,9 @@ class PostgresStore:
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int:
         return int(await self._call(  # type: ignore[arg-type]
             "fetchval", "select poller_publish_topology($1, $2::int[])", fleet, list(counts)))
+
+    async def set_failover(self, fleet: str, failover_s: int) -> None:
+        await self._call("execute", "select poller_set_failover($1, $2)", fleet, failover_s)
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]

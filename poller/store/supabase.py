@@ -141,12 +141,20 @@ class SupabaseStore:
             "p_replica_id": replica_id, "p_replica_counts": list(replica_counts),
             "p_after": str(after) if after else None, "p_limit": limit}))
 
-    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied,
+    async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
+                              limit: int) -> JobsPage:
+        return JobsPage.from_json(await self._rpc("poller_jobs_in_buckets", {
+            "p_buckets": list(buckets), "p_after": str(after) if after else None,
+            "p_limit": limit}))
+
+    async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
                          owned_jobs: int, version: str, limit: int) -> FleetSync:
-        return FleetSync.from_json(await self._rpc("poller_fleet_sync", {
+        return FleetSync.from_json(await self._rpc("poller_fleet_sync_live", {
             "p_fleet": fleet, "p_replica_id": replica_id, "p_applied_epoch": applied.epoch,
-            "p_applied_counts": list(applied.counts), "p_owned_jobs": owned_jobs,
-            "p_version": version, "p_limit": limit}))
+            "p_applied_counts": list(applied.counts),
+            "p_applied_at": applied.at.isoformat() if applied.at else None,
+            "p_leaving": leaving, "p_owned_jobs": owned_jobs, "p_version": version,
+            "p_limit": limit}))
 
     async def fleet_state(self, fleet: str) -> FleetState:
         return FleetState.from_json(await self._rpc("poller_fleet_state", {"p_fleet": fleet}))
@@ -154,6 +162,9 @@ class SupabaseStore:
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int:
         return int(await self._rpc("poller_publish_topology",
                                    {"p_fleet": fleet, "p_counts": list(counts)}))
+
+    async def set_failover(self, fleet: str, failover_s: int) -> None:
+        await self._rpc("poller_set_failover", {"p_fleet": fleet, "p_failover_s": failover_s})
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
