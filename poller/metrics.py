@@ -73,6 +73,11 @@ class Metrics:
             "soundcheck_poller_samples_rejected",
             "Samples set aside because the database rejected their values", registry=r,
         )
+        self.skipped = Counter(
+            "soundcheck_poller_slots_skipped",
+            "Overdue slots passed over after a stall (only the newest of a job is pinged)",
+            registry=r,
+        )
         self.flushes = Counter(
             "soundcheck_poller_flushes", "Batch writes (one SQL API call each)", registry=r
         )

@@ -12,8 +12,8 @@ Rules that keep samples exact:
   invented), except that a job never pinged at all (`last_ping_at` null) gets slot 0 late
   rather than lose its first sample to sync delay;
 - after a stall (a GC pause, a frozen process) a job's overdue slots are not all pinged at
-  once: each slot whose successor is already due too goes to `on_skipped` (recorded as
-  `system_error`), and only the newest is pinged: at most one catch-up ping per job;
+  once: each slot whose successor is already due too goes to `on_skipped` (counted, not
+  pinged), and only the newest is pinged: at most one catch-up ping per job;
 - a job that cannot be scheduled (cadence or duration below 1, see `Job.schedulable`) gets
   slot 0 only, and its end.
 """
