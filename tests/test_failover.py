@@ -13,6 +13,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
+from poller.localpg import free_port
 from poller.partition import owns
 from tests.conftest import DbEnv
 from tests.support.checks import due_between, load
@@ -109,3 +110,110 @@ async def test_a_killed_replica_is_taken_over_after_the_failover_timeout(
           f"slots missed, after it {after_missed} of {after_due}")
     assert after_missed == 0
     assert taken_at - killed_at < FAILOVER_S + 3  # failover timeout + a sync or two
+
+
+async def _stop_all(procs: list[PollerProcess]) -> list[int]:
+    for p in procs:
+        if p.proc is not None and p.proc.returncode is None:
+            p.terminate()
+    return [await p.wait() for p in procs if p.proc is not None]
+
+
+async def _no_duplicate_rows(conn: asyncpg.Connection) -> None:
+    assert await conn.fetchval(
+        "select count(*) from (select 1 from samples group by job_id, sequence_number "
+        "having count(*) > 1) d") == 0
+
+
+async def test_a_rolling_update_misses_no_slot(
+        fleet: tuple[list[PollerProcess], list[UUID]], conn: asyncpg.Connection,
+        standin: LatencyStandIn) -> None:
+    # What a StatefulSet's rolling update does to each pod in turn: SIGTERM, wait for the
+    # exit, start the new pod with the same name, wait until it is ready (first sync).
+    procs, ids = fleet
+    await asyncio.sleep(2)
+    started = time.time()
+    for i in (2, 1, 0):
+        procs[i].terminate()
+        assert await procs[i].wait() == 0
+        procs[i] = PollerProcess(procs[i].env | {"PORT": str(free_port())})
+        await procs[i].start()
+        await procs[i].synced()
+    await asyncio.sleep(2)
+    end = time.time()
+    assert await _stop_all(procs) == [0, 0, 0]
+    missed, due = await _missed(conn, ids, started, end - 1.2)
+    rows = await conn.fetchval("select count(*) from samples")
+    print(f"\nrolling update of 3 pods: {missed} of {due} slots missed; "
+          f"{sum(standin.requests.values()) - rows} duplicate pings absorbed")
+    assert missed == 0
+    await _no_duplicate_rows(conn)
+
+
+async def test_a_frozen_replica_is_covered_and_gives_back_when_it_wakes(
+        fleet: tuple[list[PollerProcess], list[UUID]], conn: asyncpg.Connection) -> None:
+    procs, ids = fleet
+    await asyncio.sleep(2)
+    mine = [i for i in ids if owns(i, 1, [3])]
+    assert procs[1].proc is not None
+    frozen_at = time.time()
+    procs[1].proc.send_signal(signal.SIGSTOP)  # a stuck node: alive, silent
+    await asyncio.gather(procs[0].logged("live replicas: 0,2"),
+                         procs[2].logged("live replicas: 0,2"))
+    taken_at = time.time()
+    await asyncio.sleep(3)
+    procs[1].proc.send_signal(signal.SIGCONT)
+    await asyncio.gather(procs[0].logged("live replicas: 0,1,2"),
+                         procs[2].logged("live replicas: 0,1,2"))  # it is back: given back
+    await asyncio.sleep(2)
+    end = time.time()
+    assert await _stop_all(procs) == [0, 0, 0]
+    window_missed, window_due = await _missed(conn, mine, frozen_at, taken_at)
+    after_missed, after_due = await _missed(conn, mine, taken_at + 1.2, end - 1.2)
+    print(f"\nSIGSTOP: takeover {taken_at - frozen_at:.1f}s after the freeze; inside that "
+          f"window {window_missed} of {window_due} slots missed, after it {after_missed} "
+          f"of {after_due}")
+    assert after_missed == 0
+    await _no_duplicate_rows(conn)
+
+
+async def test_two_pods_with_one_ordinal_do_no_harm(
+        fleet: tuple[list[PollerProcess], list[UUID]], conn: asyncpg.Connection,
+        standin: LatencyStandIn) -> None:
+    # The node of pf-1 comes back while its replacement runs: two processes, one ordinal.
+    procs, ids = fleet
+    await asyncio.sleep(1)
+    twin = PollerProcess(procs[1].env | {"PORT": str(free_port())})
+    await twin.start()
+    await twin.synced()
+    started = time.time()
+    await asyncio.sleep(4)
+    end = time.time()
+    assert await _stop_all([*procs, twin]) == [0, 0, 0, 0]
+    missed, due = await _missed(conn, ids, started, end - 1.2)
+    rows = await conn.fetchval("select count(*) from samples")
+    print(f"\ntwo pods with ordinal 1: {missed} of {due} slots missed; "
+          f"{sum(standin.requests.values()) - rows} duplicate pings absorbed")
+    assert missed == 0
+    await _no_duplicate_rows(conn)
+
+
+async def test_without_takeover_a_killed_replica_leaves_its_share_unpinged(
+        fleet: tuple[list[PollerProcess], list[UUID]], conn: asyncpg.Connection) -> None:
+    # The same kill -9 with the takeover switched off (a failover timeout of an hour), for
+    # comparison: the share stays unpinged until the pod is back.
+    procs, ids = fleet
+    await conn.execute("select poller_set_failover($1, 3600)", FLEET)
+    await asyncio.sleep(2)
+    mine = [i for i in ids if owns(i, 1, [3])]
+    assert procs[1].proc is not None
+    killed_at = time.time()
+    procs[1].proc.send_signal(signal.SIGKILL)
+    await procs[1].proc.wait()
+    await asyncio.sleep(FAILOVER_S + 4)
+    end = time.time()
+    assert await _stop_all([procs[0], procs[2]]) == [0, 0]
+    missed, due = await _missed(conn, mine, killed_at + FAILOVER_S + 1.2, end - 1.2)
+    print(f"\nkill -9 without takeover: {missed} of {due} slots missed after "
+          f"{FAILOVER_S}s (all of them, until the pod is back)")
+    assert missed == due > 0
