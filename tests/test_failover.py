@@ -49,6 +49,18 @@ async def fleet(conn: asyncpg.Connection, dsn: str, db_env: DbEnv,
             await p.kill()
 
 
+async def _others_see(procs: list[PollerProcess], live: str, since: list[int]) -> float:
+    """Wait until replicas 0 and 2 log the live set `live` after `since` (log positions);
+    when that happened."""
+    await asyncio.gather(procs[0].logged(f"live replicas: {live} ", since=since[0]),
+                         procs[2].logged(f"live replicas: {live} ", since=since[2]))
+    return time.time()
+
+
+def _marks(procs: list[PollerProcess]) -> list[int]:
+    return [len(p.lines) for p in procs]
+
+
 async def _missed(conn: asyncpg.Connection, ids: list[UUID], start: float,
                   end: float) -> tuple[int, int]:
     """(slots due in [start, end] with no sample, slots due then) over the given jobs."""
@@ -91,13 +103,11 @@ async def test_a_killed_replica_is_taken_over_after_the_failover_timeout(
     procs, ids = fleet
     await asyncio.sleep(2)
     mine = [i for i in ids if owns(i, 1, [3])]
-    killed_at = time.time()
+    killed_at, marks = time.time(), _marks(procs)
     assert procs[1].proc is not None
     procs[1].proc.send_signal(signal.SIGKILL)  # an OOM kill, a lost node
     await procs[1].proc.wait()
-    await asyncio.gather(procs[0].logged("live replicas: 0,2"),
-                         procs[2].logged("live replicas: 0,2"))
-    taken_at = time.time()
+    taken_at = await _others_see(procs, "0,2", marks)
     await asyncio.sleep(4)
     end = time.time()
     for p in (procs[0], procs[2]):
@@ -125,6 +135,18 @@ async def _no_duplicate_rows(conn: asyncpg.Connection) -> None:
         "having count(*) > 1) d") == 0
 
 
+async def _nothing_missed(conn: asyncpg.Connection, ids: list[UUID], start: float,
+                          end: float, standin: LatencyStandIn, event: str) -> None:
+    """Print and check: every slot due in the window has one row; duplicate pings (both
+    owners pinged) were absorbed by the unique key."""
+    missed, due = await _missed(conn, ids, start, end - 1.2)
+    rows = await conn.fetchval("select count(*) from samples")
+    print(f"\n{event}: {missed} of {due} slots missed; "
+          f"{sum(standin.requests.values()) - rows} duplicate pings absorbed")
+    assert missed == 0
+    await _no_duplicate_rows(conn)
+
+
 async def test_a_rolling_update_misses_no_slot(
         fleet: tuple[list[PollerProcess], list[UUID]], conn: asyncpg.Connection,
         standin: LatencyStandIn) -> None:
@@ -142,12 +164,7 @@ async def test_a_rolling_update_misses_no_slot(
     await asyncio.sleep(2)
     end = time.time()
     assert await _stop_all(procs) == [0, 0, 0]
-    missed, due = await _missed(conn, ids, started, end - 1.2)
-    rows = await conn.fetchval("select count(*) from samples")
-    print(f"\nrolling update of 3 pods: {missed} of {due} slots missed; "
-          f"{sum(standin.requests.values()) - rows} duplicate pings absorbed")
-    assert missed == 0
-    await _no_duplicate_rows(conn)
+    await _nothing_missed(conn, ids, started, end, standin, "rolling update of 3 pods")
 
 
 async def test_a_frozen_replica_is_covered_and_gives_back_when_it_wakes(
@@ -156,15 +173,13 @@ async def test_a_frozen_replica_is_covered_and_gives_back_when_it_wakes(
     await asyncio.sleep(2)
     mine = [i for i in ids if owns(i, 1, [3])]
     assert procs[1].proc is not None
-    frozen_at = time.time()
+    frozen_at, marks = time.time(), _marks(procs)
     procs[1].proc.send_signal(signal.SIGSTOP)  # a stuck node: alive, silent
-    await asyncio.gather(procs[0].logged("live replicas: 0,2"),
-                         procs[2].logged("live replicas: 0,2"))
-    taken_at = time.time()
+    taken_at = await _others_see(procs, "0,2", marks)
     await asyncio.sleep(3)
+    marks = _marks(procs)
     procs[1].proc.send_signal(signal.SIGCONT)
-    await asyncio.gather(procs[0].logged("live replicas: 0,1,2"),
-                         procs[2].logged("live replicas: 0,1,2"))  # it is back: given back
+    await _others_see(procs, "0,1,2", marks)  # it is back: its share is given back
     await asyncio.sleep(2)
     end = time.time()
     assert await _stop_all(procs) == [0, 0, 0]
@@ -190,12 +205,7 @@ async def test_two_pods_with_one_ordinal_do_no_harm(
     await asyncio.sleep(4)
     end = time.time()
     assert await _stop_all([*procs, twin]) == [0, 0, 0, 0]
-    missed, due = await _missed(conn, ids, started, end - 1.2)
-    rows = await conn.fetchval("select count(*) from samples")
-    print(f"\ntwo pods with ordinal 1: {missed} of {due} slots missed; "
-          f"{sum(standin.requests.values()) - rows} duplicate pings absorbed")
-    assert missed == 0
-    await _no_duplicate_rows(conn)
+    await _nothing_missed(conn, ids, started, end, standin, "two pods with ordinal 1")
 
 
 async def test_without_takeover_a_killed_replica_leaves_its_share_unpinged(

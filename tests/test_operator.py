@@ -325,19 +325,25 @@ async def test_a_new_fleet_is_written_once_at_its_size(cluster: Cluster) -> None
     assert cluster.replicas_history("once") == [3]
 
 
-async def test_the_sync_interval_is_the_one_the_spec_says(
-        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_state_reads(monkeypatch: pytest.MonkeyPatch, name: str) -> list[float]:
+    """When (monotonic) the operator reads the state of fleet `name`, from now on."""
     from pollerfleet import load
 
     reads: list[float] = []
     real = load.fleet_state
 
     async def counted(fleet: str) -> Any:
-        if fleet.endswith("/tick"):
+        if fleet.endswith(f"/{name}"):
             reads.append(time.monotonic())
         return await real(fleet)
 
     monkeypatch.setattr(load, "fleet_state", counted)
+    return reads
+
+
+async def test_the_sync_interval_is_the_one_the_spec_says(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _count_state_reads(monkeypatch, "tick")
     path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
     await cluster.post(path, fleet("tick", syncIntervalSeconds=1))
     await cluster.until(lambda: len(reads) >= 5, timeout=20)
@@ -350,17 +356,7 @@ async def test_a_wall_clock_step_neither_stops_nor_rushes_the_fleet(
         cluster: Cluster, monkeypatch: pytest.MonkeyPatch, conn: asyncpg.Connection) -> None:
     # Before: sync timing and the stabilization window used time.time(): a step back
     # stopped syncing, a step forward emptied the window and shrank the fleet at once.
-    from pollerfleet import load
-
-    reads: list[float] = []
-    real_state = load.fleet_state
-
-    async def counted(fleet: str) -> Any:
-        if fleet.endswith("/clock"):
-            reads.append(time.monotonic())
-        return await real_state(fleet)
-
-    monkeypatch.setattr(load, "fleet_state", counted)
+    reads = _count_state_reads(monkeypatch, "clock")
     ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 31)])
     path = f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets"
     await cluster.post(path, fleet("clock", syncIntervalSeconds=1,

@@ -60,7 +60,7 @@ async def test_the_heartbeat_reports_the_applied_topology_not_the_served_one(
     await publish(conn, [2])
     await publish(conn, [2, 1])  # epoch 2, being handed over
     out = json.loads(await conn.fetchval(
-        "select poller_fleet_sync($1, 0, 1, '{2}', 5, 'v', 1000)", FLEET))
+        "select poller_fleet_sync_live($1, 0, 1, '{2}', now(), false, 5, 'v', 1000)", FLEET))
     assert (out["counts"], out["epoch"]) == ([2, 1], 2)  # served: the new topology …
     assert {row["id"] for row in out["jobs"]} == {str(i) for i in ids}  # … replica 0's union
     state = json.loads(await conn.fetchval("select poller_fleet_state($1)", FLEET))

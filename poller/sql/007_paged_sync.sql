@@ -1,5 +1,5 @@
--- SQL API version 4: owned jobs in pages that no row cap can cut, and heartbeats that say
--- which topology a poller has applied rather than which one it was served.
+-- SQL API version 4: owned jobs in pages that no row cap can cut. (The fleet sync that
+-- pages, and reports what a poller has applied, is version 5's poller_fleet_sync_live.)
 --
 -- PostgREST cuts every result at db-max-rows (1,000 on Supabase), set-returning RPCs
 -- included, silently. A single jsonb value is one row, so a page is never cut; pages are
@@ -58,37 +58,6 @@ begin
     end if;
     return poller_jobs_in_buckets(
         soundcheck_owned_buckets(p_replica_id, p_replica_counts), p_after, p_limit);
-end
-$$;
-
--- A fleet poller's sync: records its heartbeat with the topology it has *applied* (the one
--- of its previous sync, after its scheduler took it up), and returns the topology to apply
--- now with the first page of its jobs. The operator moves a handover on only when every
--- replica reports the new epoch as applied, so a lost reply cannot make it shrink early.
-create or replace function poller_fleet_sync(p_fleet text, p_replica_id int,
-                                             p_applied_epoch bigint, p_applied_counts int[],
-                                             p_owned_jobs int, p_version text, p_limit int)
-returns jsonb
-language plpgsql
-set search_path = public, pg_temp
-as $$
-declare
-    v_counts int[];
-    v_epoch bigint;
-begin
-    select counts, epoch into v_counts, v_epoch from poller_topology where fleet = p_fleet;
-    if not found then
-        raise exception 'no topology published for fleet %', p_fleet
-            using errcode = 'P0002', hint = 'the operator publishes it when it creates the fleet';
-    end if;
-    insert into poller_heartbeats as h (fleet, replica_id, counts, epoch, owned_jobs, version)
-    values (p_fleet, p_replica_id, coalesce(p_applied_counts, '{}'),
-            coalesce(p_applied_epoch, 0), coalesce(p_owned_jobs, 0), coalesce(p_version, ''))
-    on conflict (fleet, replica_id) do update
-        set counts = excluded.counts, epoch = excluded.epoch, owned_jobs = excluded.owned_jobs,
-            version = excluded.version, seen_at = now();
-    return poller_jobs_page(p_replica_id, v_counts, null, p_limit)
-        || jsonb_build_object('counts', to_jsonb(v_counts), 'epoch', v_epoch);
 end
 $$;
 

@@ -317,6 +317,6 @@ class FakePods:
             # A fake pod takes a topology up at once: it reports the epoch as applied.
             for replica in range(pods):
                 await self.conn.fetchval(
-                    "select poller_fleet_sync($1, $2, $3, $4, 0, 'fake', 1)",
+                    "select poller_fleet_sync_live($1, $2, $3, $4, now(), false, 0, 'fake', 1)",
                     fleet, replica, epoch, row["counts"])
             self._last = (pods, epoch)

@@ -38,10 +38,11 @@ class PollerProcess:
             self.lines.append(line)
             self.progress.notify()
 
-    async def logged(self, text: str, timeout: float = 30) -> None:
-        """Wait for a log line containing `text`."""
+    async def logged(self, text: str, timeout: float = 30, since: int = 0) -> None:
+        """Wait for a log line containing `text`, among the lines from index `since` on."""
         async with asyncio.timeout(timeout):
-            await self.progress.wait_for(lambda: any(text in line for line in self.lines))
+            await self.progress.wait_for(
+                lambda: any(text in line for line in self.lines[since:]))
 
     async def synced(self, timeout: float = 30) -> None:
         """Wait for the log line of the first good sync."""
