@@ -155,7 +155,10 @@ class Service:
         deadline = time.monotonic() + self.settings.shutdown_grace_ms / 1000
         log.info("stopping: no new pings; finishing %d out, %d samples buffered",
                  self.prober.pending, self.recorder.buffered)
-        if self.settings.fleet_name and self.first_sync_done and not self.sync_error:
+        # A handover needs the database (and is moot for a replica that pings nothing, such
+        # as one a scale-down leaves outside the topology).
+        if self.settings.fleet_name and self.first_sync_done and not self.sync_error \
+                and self.scheduler.jobs:
             await self._hand_over(deadline)
         self.scheduler.stop()
         tasks = [t for t in self._tasks.values() if not t.done()]
