@@ -235,6 +235,7 @@ async def test_stop_ends_within_the_grace_with_the_database_frozen(
     finally:
         _signal_all(pids, signal.SIGCONT)
         await poller.kill()
+    print(f"\nstop with the database frozen: {took:.1f}s (grace 3s), exit code {rc}")
     assert rc == 1  # samples were given up, and the exit code says so
     assert took < 3 + 1.5, f"stop took {took:.1f}s with a 3s grace"
     assert "gave up on" in poller.log
