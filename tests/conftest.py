@@ -13,6 +13,7 @@ import pytest
 
 from poller.localpg import LocalPostgres, free_port
 from poller.sidecar import serve
+from tests.support import report
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn, make_jwt, migrate_like_supabase
 
@@ -24,6 +25,13 @@ SERVICE_ROLE_KEY = make_jwt(JWT_SECRET, "service_role")
 ANON_KEY = make_jwt(JWT_SECRET, "anon")
 STANDIN_RTT_MS = 2.5
 _counter = itertools.count()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for title, lines in report.tables():
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

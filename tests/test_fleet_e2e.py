@@ -2,8 +2,9 @@
 operator (kopf in its thread), real poller processes started and stopped by a test-side
 StatefulSet controller, and the latency sidecar pinging loopback addresses with real ICMP.
 
-Running jobs go 40 → 400 → 100 → 0 → 250 (jobsPerReplica 100). Every slot that fell due
-while its job was running and a pod was serving must have exactly one sample. The same
+Running jobs go 40 → 400 → 100 → 0 → 250 (jobsPerReplica 100), then a change of the pod
+template (`pollerEnv`) rolls the pods one by one. Every slot that fell due while its job
+was running and a pod was serving must have exactly one sample. The same
 schedule without the handover (REPLICA_COUNT in the pod environment, rolling restarts)
 runs as a comparison and its missed slots are printed beside.
 """
@@ -158,6 +159,16 @@ async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
                 transitions.append(Transition(size, after, moved, expected, changed))
                 size = after
                 await asyncio.sleep(HOLD_S)
+            # A rolling update of the template: each pod stopped (handing its share over)
+            # and replaced in turn, by the StatefulSet controller.
+            rolled = time.time()
+            transitions[-1].end = rolled
+            await cluster.patch(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets/"
+                                "fleet", {"spec": {"pollerEnv": {"LOG_LEVEL": "DEBUG"}}})
+            await cluster.until(lambda: runner.replaced == size and len(runner.ready) == size,
+                                timeout=120)
+            await asyncio.sleep(HOLD_S)
+            rolled_end = time.time()
         finally:
             controller.cancel()
             await asyncio.gather(controller, return_exceptions=True)
@@ -172,6 +183,8 @@ async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
         moved = "—" if t.moved is None else f"{t.moved:.3f} (expected {t.expected:.3f})"
         print(f"  {t.before} → {t.after} replicas: buckets moved {moved}, slots missed "
               f"until the next change: {missed.missed_between(t.start, t.end)}")
+    print(f"  rolling update of the template ({runner.replaced} pods replaced): slots missed "
+          f"{missed.missed_between(rolled, rolled_end)}")
     print(f"  slots due while a pod served: {missed.served}, missed {missed.served_missing}; "
           f"all slots due: {missed.due}, missed {missed.due_missing}; "
           f"duplicate pings absorbed: {duplicates}")
@@ -179,6 +192,7 @@ async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
           f"{baseline.served}, missed {baseline.served_missing}; all slots due: "
           f"{baseline.due}, missed {baseline.due_missing}")
     assert missed.served > 1000
+    assert runner.replaced == size
     assert missed.served_missing == 0
     for t in transitions:
         if t.moved is not None and t.expected is not None:

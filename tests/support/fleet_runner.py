@@ -2,9 +2,12 @@
 
 `FleetRunner` watches the StatefulSet in kmock and starts or stops `python -m poller`
 processes (HOSTNAME = pod name, so REPLICA_ID comes from the ordinal) to match
-spec.replicas, and reports readyReplicas (a pod is ready after its first good sync). It
-records when at least one pod was serving, and the pings and inserts each process reports
-when it stops.
+spec.replicas, and reports readyReplicas (a pod is ready after its first good sync). When
+the pod template changes it does what the RollingUpdate strategy does: one pod at a time,
+highest ordinal first, SIGTERM, wait for the exit, a pause for the replacement, the new pod,
+wait until it is ready, the next (the processes keep the runner's environment: the template
+only says when to roll). It records when at least one pod was serving, and the pings and
+inserts each process reports when it stops.
 
 `RollingRunner` is the comparison without handover: the fleet size is REPLICA_COUNT in
 the pod environment, so a resize restarts every pod, one at a time, as a StatefulSet
@@ -14,6 +17,8 @@ rolling update does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -87,9 +92,13 @@ class _Pods:
 
 
 class FleetRunner(_Pods):
-    def __init__(self, cluster: Cluster, name: str, env: dict[str, str]) -> None:
+    def __init__(self, cluster: Cluster, name: str, env: dict[str, str],
+                 replace_s: float = 1.0) -> None:
         super().__init__(name, {**env, "FLEET_NAME": f"{NS}/{name}"})
         self.cluster = cluster
+        self.replace_s = replace_s  # a pod replaced: scheduled, pulled, started
+        self.revisions: dict[int, str] = {}  # the template each pod was started from
+        self.replaced = 0  # pods replaced by rolling updates
 
     async def run(self) -> None:
         while True:
@@ -101,11 +110,29 @@ class FleetRunner(_Pods):
         if sts is None:
             return
         want = int(sts["spec"]["replicas"])
+        revision = hashlib.sha256(json.dumps(sts["spec"]["template"], sort_keys=True)
+                                  .encode()).hexdigest()
         for ordinal in range(want):  # Parallel pod management: all at once
             if ordinal not in self.procs:
                 await self.start(ordinal)
+                self.revisions[ordinal] = revision
         for ordinal in [o for o in self.procs if o >= want]:
             await self.stop(ordinal)
+        for ordinal in sorted((o for o in self.procs if self.revisions[o] != revision),
+                              reverse=True):
+            await self.stop(ordinal)
+            await self._report(want)
+            await asyncio.sleep(self.replace_s)  # stands for the pod replacement
+            await self.start(ordinal)
+            self.revisions[ordinal] = revision
+            await self.procs[ordinal].synced(timeout=60)
+            self.ready.add(ordinal)
+            self._mark()
+            self.replaced += 1
+        await self._report(want)
+
+    async def _report(self, want: int) -> None:
+        sts = self.cluster.get(STS, self.name) or {}
         status = sts.get("status") or {}
         if status.get("readyReplicas") != len(self.ready) or status.get("replicas") != want:
             await self.cluster.set_statefulset_status(self.name, want, len(self.ready))
