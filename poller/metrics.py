@@ -98,6 +98,21 @@ class Metrics:
         self.completed = Counter(
             "soundcheck_poller_jobs_completed", "Jobs this replica marked completed", registry=r
         )
+        self.alerts = Counter(
+            "soundcheck_poller_alerts_raised", "Alert state transitions this replica's "
+            "batches made (offline, recovery)", ["type"], registry=r)
+        self.notices_sent = Counter(
+            "soundcheck_poller_notices_sent", "Notices a delivery channel accepted",
+            ["channel"], registry=r)
+        self.notice_failures = Counter(
+            "soundcheck_poller_notice_failures", "Delivery attempts a channel failed "
+            "(retried with backoff)", ["channel"], registry=r)
+        self.notices_given_up = Counter(
+            "soundcheck_poller_notices_given_up", "Notices marked failed after "
+            "NOTIFY_MAX_ATTEMPTS attempts", registry=r)
+        self.outbox_pending = Gauge(
+            "soundcheck_poller_outbox_pending", "Notices waiting in the outbox (fleet-wide), "
+            "as of this replica's last claim", registry=r)
         self.last_sync = Gauge(
             "soundcheck_poller_last_sync_timestamp_seconds", "When the last good sync ended",
             registry=r,

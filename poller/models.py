@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any, Literal
 from uuid import UUID
 
 # The largest value samples.rtt_ms and jitter_ms (numeric(10,2)) hold. An "RTT" beyond it is
@@ -66,3 +67,95 @@ class Sample:
 class RecordResult:
     inserted: int
     completed: tuple[UUID, ...]
+    offline: int = 0  # alert state transitions the batch made (README, "Alerts")
+    recovery: int = 0
+
+    def __add__(self, other: RecordResult) -> RecordResult:
+        return RecordResult(self.inserted + other.inserted, self.completed + other.completed,
+                            self.offline + other.offline, self.recovery + other.recovery)
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> RecordResult:
+        return cls(int(out["inserted"]), tuple(UUID(x) for x in out["completed"]),
+                   int(out.get("offline") or 0), int(out.get("recovery") or 0))
+
+
+NoticeKind = Literal["offline", "recovery", "completion"]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A completed job's samples, as `soundcheck_job_summary` counts them."""
+
+    total: int
+    success: int
+    missed: int
+    system_error: int
+    avg_rtt_ms: float | None
+    max_rtt_ms: float | None
+    p95_rtt_ms: float | None
+    outages: int  # runs of 5 or more misses (system errors and gaps do not break one)
+    longest_miss_streak: int
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> JobSummary:
+        def num(key: str) -> float | None:
+            return None if out.get(key) is None else float(out[key])
+        return cls(int(out["total"]), int(out["success"]), int(out["missed"]),
+                   int(out["system_error"]), num("avg_rtt_ms"), num("max_rtt_ms"),
+                   num("p95_rtt_ms"), int(out["outages"]), int(out["longest_miss_streak"]))
+
+
+@dataclass(frozen=True)
+class NoticeJob:
+    """What a message says about its job."""
+
+    id: UUID
+    account_number: str
+    target: str  # the IP, or the MAC for a job without one
+    notification_email: str
+    requester_name: str
+    cadence_seconds: int
+    duration_minutes: int
+    started_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def from_json(cls, j: dict[str, Any]) -> NoticeJob:
+        return cls(UUID(j["id"]), str(j["account_number"]),
+                   str(j.get("target_ip") or j.get("target_mac") or "?"),
+                   str(j["notification_email"]), str(j["requester_name"]),
+                   int(j["cadence_seconds"]), int(j["duration_minutes"]),
+                   datetime.fromisoformat(j["started_at"]),
+                   datetime.fromisoformat(j["completed_at"]) if j.get("completed_at") else None)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An alert or a completion notice claimed from the outbox for delivery."""
+
+    id: int
+    kind: NoticeKind
+    attempts: int  # including this one
+    job: NoticeJob
+    done_channels: frozenset[str] = field(default_factory=frozenset)
+    triggered_at: datetime | None = None  # alerts: the sample that made the transition
+    summary: JobSummary | None = None  # completions
+
+    @classmethod
+    def from_json(cls, n: dict[str, Any]) -> Notice:
+        return cls(int(n["id"]), n["kind"], int(n["attempts"]), NoticeJob.from_json(n["job"]),
+                   frozenset(n.get("done_channels") or ()),
+                   datetime.fromisoformat(n["triggered_at"]) if n.get("triggered_at") else None,
+                   JobSummary.from_json(n["summary"]) if n.get("summary") else None)
+
+
+@dataclass(frozen=True)
+class Claim:
+    notices: list[Notice]
+    pending: int  # notices waiting in the outbox, these included
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> Claim:
+        return cls([Notice.from_json(n) for n in out.get("notices") or []],
+                   int(out.get("pending") or 0))

@@ -197,6 +197,10 @@ class Recorder:
         self._metrics.flushes.inc()
         self._metrics.written.inc(result.inserted)
         self._metrics.completed.inc(len(result.completed))
+        if result.offline:
+            self._metrics.alerts.labels("offline").inc(result.offline)
+        if result.recovery:
+            self._metrics.alerts.labels("recovery").inc(result.recovery)
         self.last_error = None
         self.progress.notify()
         return True
@@ -221,8 +225,7 @@ class Recorder:
             half = len(todo) // 2
             first = await self._write_isolating(todo[:half], ())
             second = await self._write_isolating(todo[half:], ready)
-            return RecordResult(first.inserted + second.inserted,
-                                first.completed + second.completed)
+            return first + second
 
     def _reject(self, sample: Sample, exc: StoreDataError) -> None:
         self._rejected.add(id(sample))

@@ -20,6 +20,8 @@ from . import __version__
 from .logs import RateLimited
 from .metrics import Metrics
 from .models import SampleStatus
+from .notices import Channel, make_channels
+from .notices.delivery import Deliverer
 from .pingers import Pinger
 from .pingers.latency_api import LatencyApiPinger
 from .prober import Prober
@@ -66,12 +68,14 @@ def make_store(settings: Settings) -> Store:
 
         assert settings.database_url is not None
         return PostgresStore(settings.database_url.get_secret_value(), timeout,
-                             prepared_statements=settings.database_prepared_statements)
+                             prepared_statements=settings.database_prepared_statements,
+                             alert_settle_s=settings.alert_settle_s)
     from .store.supabase import SupabaseStore
 
     assert settings.supabase_url is not None and settings.supabase_service_role_key is not None
     return SupabaseStore(settings.supabase_url,
-                         settings.supabase_service_role_key.get_secret_value(), timeout)
+                         settings.supabase_service_role_key.get_secret_value(), timeout,
+                         alert_settle_s=settings.alert_settle_s)
 
 
 def make_pinger(settings: Settings) -> Pinger:
@@ -90,7 +94,8 @@ def make_pinger(settings: Settings) -> Pinger:
 
 class Service:
     def __init__(
-        self, settings: Settings, store: Store | None = None, pinger: Pinger | None = None
+        self, settings: Settings, store: Store | None = None, pinger: Pinger | None = None,
+        channels: list[Channel] | None = None,
     ) -> None:
         self.settings = s = settings
         self.metrics = Metrics()
@@ -113,6 +118,10 @@ class Service:
         self.scheduler = Scheduler(self.prober.on_slot, self.prober.on_expired,
                                    on_skipped=self.prober.on_skipped,
                                    policy=TargetPolicy(parse_networks(s.target_deny)))
+        channels = make_channels(s) if channels is None else channels
+        # Alerts and completion notices: delivered by this process only with a channel.
+        self.deliverer = (Deliverer(self.store, channels, s, self.metrics) if channels
+                          else None)
         self.replica_counts = [s.replica_count]
         self.applied = Applied()  # the fleet topology the scheduler has taken up
         self.live: tuple[int, ...] = ()  # the fleet's live replicas, as of the last sync
@@ -134,8 +143,10 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         log.info(
-            "poller %s starting: replica %d/%d, transport %s, pinger %s, port %d",
+            "poller %s starting: replica %d/%d, transport %s, pinger %s, port %d, notices %s",
             __version__, s.replica_id, s.replica_count, s.transport, s.ping_backend, s.port,
+            ", ".join(c.name for c in self.deliverer.channels) if self.deliverer
+            else "not delivered here (no NOTIFY_SMTP_HOST or NOTIFY_WEBHOOK_URL)",
         )
         await self.pinger.start()  # first: a missing ICMP permission fails before anything
         await self.store.open()
@@ -147,6 +158,8 @@ class Service:
             "scheduler": asyncio.create_task(self.scheduler.run(), name="scheduler"),
             "recorder": asyncio.create_task(self.recorder.run(), name="recorder"),
         }
+        if self.deliverer is not None:
+            self._tasks["notices"] = asyncio.create_task(self.deliverer.run(), name="notices")
 
     async def stop(self) -> bool:
         """Graceful stop within SHUTDOWN_GRACE_MS, whatever the database does (refuses,
@@ -161,6 +174,10 @@ class Service:
                 and self.scheduler.jobs:
             await self._hand_over(deadline)
         self.scheduler.stop()
+        if self.deliverer is not None:
+            # Let a claim in hand finish and record its outcome (each send is bounded).
+            self.deliverer.stop()
+            await asyncio.wait([self._tasks["notices"]], timeout=max(0.1, _left(deadline) / 4))
         tasks = [t for t in self._tasks.values() if not t.done()]
         for task in tasks:
             task.cancel()

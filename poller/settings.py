@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from .partition import ordinal_from_hostname
 from .targets import DEFAULT_DENY, parse_networks
 
-SECRET_VARS = frozenset({"DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"})
+SECRET_VARS = frozenset({"DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "NOTIFY_SMTP_PASSWORD",
+                         "NOTIFY_WEBHOOK_URL"})
 
 
 class ConfigError(Exception):
@@ -68,6 +69,31 @@ class Settings(BaseModel):
     fleet_name: str | None = Field(None, min_length=1, max_length=253, alias="FLEET_NAME")
     replica_id: int = Field(0, ge=0, alias="REPLICA_ID")
 
+    # Alerts (README, "Alerts and completion notices"): how long a hole in a job's samples
+    # waits for a late sample before it counts as a gap.
+    alert_settle_s: int = Field(60, ge=0, le=86_400, alias="ALERT_SETTLE_S")
+
+    # Delivery of alerts and completion notices: off unless a channel is configured.
+    # Email over SMTP (NOTIFY_SMTP_HOST turns it on) and/or a webhook (JSON POST).
+    notify_smtp_host: str | None = Field(None, min_length=1, alias="NOTIFY_SMTP_HOST")
+    notify_smtp_port: int = Field(587, ge=1, le=65535, alias="NOTIFY_SMTP_PORT")
+    # starttls: upgrade a plain connection (port 587); tls: TLS from the start (465); none:
+    # plain text, for a relay on the same host or network only.
+    notify_smtp_tls: Literal["starttls", "tls", "none"] = Field("starttls",
+                                                                alias="NOTIFY_SMTP_TLS")
+    notify_smtp_username: str | None = Field(None, min_length=1, alias="NOTIFY_SMTP_USERNAME")
+    notify_smtp_password: SecretStr | None = Field(None, alias="NOTIFY_SMTP_PASSWORD")
+    notify_mail_from: str | None = Field(None, min_length=3, alias="NOTIFY_MAIL_FROM")
+    # A webhook URL often carries its token (chat incoming hooks): a secret.
+    notify_webhook_url: SecretStr | None = Field(None, alias="NOTIFY_WEBHOOK_URL")
+    # The app's address, for the link to the job in every message.
+    notify_app_base_url: str | None = Field(None, alias="NOTIFY_APP_BASE_URL")
+    notify_interval_ms: int = Field(2_000, ge=50, alias="NOTIFY_INTERVAL_MS")
+    notify_timeout_ms: int = Field(15_000, ge=100, le=120_000, alias="NOTIFY_TIMEOUT_MS")
+    notify_max_attempts: int = Field(8, ge=1, le=100, alias="NOTIFY_MAX_ATTEMPTS")
+    notify_retry_max_backoff_ms: int = Field(600_000, ge=100,
+                                             alias="NOTIFY_RETRY_MAX_BACKOFF_MS")
+
     # Lifecycle and logs.
     shutdown_grace_ms: int = Field(25_000, ge=0, alias="SHUTDOWN_GRACE_MS")
     log_format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
@@ -100,11 +126,19 @@ class Settings(BaseModel):
             parse_networks(self.target_deny)
         except ValueError as exc:
             raise ValueError(f"TARGET_DENY: {exc}") from None
+        _check_notify(self)
         if self.fleet_name is None and self.replica_id >= self.replica_count:
             raise ValueError(
                 f"REPLICA_ID: {self.replica_id} is not below REPLICA_COUNT={self.replica_count}"
             )
         return self
+
+    @property
+    def notify_channels(self) -> tuple[str, ...]:
+        """The delivery channels configured (none: notices stay in the outbox)."""
+        return tuple(name for name, on in (("email", self.notify_smtp_host is not None),
+                                           ("webhook", self.notify_webhook_url is not None))
+                     if on)
 
     @property
     def transport(self) -> Literal["postgres", "supabase"]:
@@ -140,6 +174,25 @@ def _check_database_url(dsn: str) -> None:
         port = hostport.rpartition("]")[2].rpartition(":")[2] if ":" in hostport else ""
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             raise ValueError("DATABASE_URL: the port is not a number from 1 to 65535")
+
+
+def _check_notify(s: Settings) -> None:
+    if s.notify_smtp_host is not None and not s.notify_mail_from:
+        raise ValueError("NOTIFY_MAIL_FROM: required with NOTIFY_SMTP_HOST (the sender)")
+    if s.notify_mail_from is not None and "@" not in s.notify_mail_from:
+        raise ValueError("NOTIFY_MAIL_FROM: not an email address")
+    if (s.notify_smtp_username is None) != (s.notify_smtp_password is None):
+        raise ValueError("NOTIFY_SMTP_USERNAME: set it together with NOTIFY_SMTP_PASSWORD")
+    if s.notify_smtp_password is not None and s.notify_smtp_tls == "none":
+        raise ValueError("NOTIFY_SMTP_TLS: none would send NOTIFY_SMTP_PASSWORD in clear "
+                         "text; use starttls or tls")
+    if s.notify_webhook_url is not None:
+        try:
+            _check_http_url("NOTIFY_WEBHOOK_URL", s.notify_webhook_url.get_secret_value())
+        except ValueError:  # the value is a secret: never echoed
+            raise ValueError("NOTIFY_WEBHOOK_URL: must be an http:// or https:// URL") from None
+    if s.notify_app_base_url is not None:
+        _check_http_url("NOTIFY_APP_BASE_URL", s.notify_app_base_url)
 
 
 def _check_http_url(name: str, value: str) -> None:

@@ -57,10 +57,22 @@ async def test_existing_app_schema_only_gains(pg_server: LocalPostgres, fresh_db
     conn = await asyncpg.connect(fresh_db)
     try:
         await conn.execute(APP_SCHEMA)
-        jobs_before = await conn.fetch("select * from jobs order by id")
+        columns = [r["attname"] for r in await conn.fetch(
+            "select attname from pg_attribute where attrelid = 'jobs'::regclass "
+            "and attnum > 0 and not attisdropped order by attnum")]
+        app_columns = ", ".join(f'"{c}"' for c in columns)
+        jobs_before = await conn.fetch(f"select {app_columns} from jobs order by id")
         samples_before = await conn.fetch("select * from samples order by id")
         await migrate(fresh_db)
-        assert await conn.fetch("select * from jobs order by id") == jobs_before
+        assert await conn.fetch(f"select {app_columns} from jobs order by id") == jobs_before
+        # jobs gains only the alert cursor: two nullable columns, null until evaluated.
+        added = await conn.fetch(
+            "select attname, attnotnull from pg_attribute where attrelid = 'jobs'::regclass "
+            "and attnum > 0 and not attisdropped and attname <> all($1::text[])", columns)
+        assert {(r["attname"], r["attnotnull"]) for r in added} == {
+            ("poller_alert_seq", False), ("poller_alert_run", False)}
+        assert await conn.fetchval("select count(*) from jobs where poller_alert_seq is not "
+                                   "null or poller_alert_run is not null") == 0
         assert await conn.fetch("select * from samples order by id") == samples_before
         # The app's own rollups function and table shape were kept, not replaced.
         assert await conn.fetchval(

@@ -194,13 +194,13 @@ async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
         assert await svc.stop()
         await rest.stop()
     calls = Counter(rest.calls)
-    assert set(calls) == {"poller_api_version", "poller_jobs_page", "poller_record_batch"}
+    assert set(calls) == {"poller_api_version", "poller_jobs_page", "poller_record_samples"}
     assert calls["poller_api_version"] == 1
     assert calls["poller_jobs_page"] == count(svc, "syncs")  # 20 jobs: one page per sync
-    assert calls["poller_record_batch"] == count(svc, "flushes")
+    assert calls["poller_record_samples"] == count(svc, "flushes")
     written = await conn.fetchval("select count(*) from samples")
     assert written == count(svc, "samples_written") and written >= 60
-    assert calls["poller_record_batch"] * 5 <= written  # batches, not one request per ping
+    assert calls["poller_record_samples"] * 5 <= written  # batches, not one request per ping
 
 
 async def test_a_loop_that_crashes_makes_the_exit_code_non_zero(

@@ -20,9 +20,9 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from ..models import Job, RecordResult, Sample
+from ..models import Claim, Job, RecordResult, Sample
 
-API_VERSION = 5  # the oldest poller_api_version() this poller works with (failover)
+API_VERSION = 6  # the oldest poller_api_version() this poller works with (alerts, outbox)
 OPERATOR_API_VERSION = 3  # what the operator reads and writes (topology, fleet state)
 
 
@@ -68,6 +68,12 @@ class Store(Protocol):
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult: ...
+
+    async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim: ...
+
+    async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
+                            error: str | None, retry_s: int, max_attempts: int
+                            ) -> str | None: ...
 
     async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
                               limit: int) -> JobsPage: ...

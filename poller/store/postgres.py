@@ -17,7 +17,7 @@ from uuid import UUID
 
 import asyncpg
 
-from ..models import Job, RecordResult, Sample
+from ..models import Claim, Job, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
     Applied,
@@ -30,8 +30,8 @@ from . import (
 )
 
 _RECORD_SQL = (
-    "select poller_record_batch($1::uuid[], $2::int[], $3::text[], $4::float8[], "
-    "$5::float8[], $6::timestamptz[], $7::uuid[])"
+    "select poller_record_samples($1::uuid[], $2::int[], $3::text[], $4::float8[], "
+    "$5::float8[], $6::timestamptz[], $7::uuid[], $8::int)"
 )
 # The same SQL API functions as the Supabase transport calls; the JSON page is turned back
 # into typed rows in the database, which asyncpg decodes in C: far cheaper than parsing
@@ -102,8 +102,9 @@ async def _keep(conn: asyncpg.Connection) -> None:
 
 class PostgresStore:
     def __init__(self, dsn: str, timeout_s: float, pool_size: int = 4,
-                 prepared_statements: bool = False) -> None:
+                 prepared_statements: bool = False, alert_settle_s: int = 60) -> None:
         self._dsn = dsn
+        self._settle_s = alert_settle_s
         self._statement_cache = 100 if prepared_statements else 0
         self._timeout = timeout_s
         self._pool_size = pool_size
@@ -218,8 +219,17 @@ class PostgresStore:
             [s.jitter_ms for s in samples],
             [s.recorded_at for s in samples],
             list(complete_job_ids),
+            self._settle_s,
         )
-        out = json.loads(raw)  # type: ignore[arg-type]
-        return RecordResult(
-            inserted=int(out["inserted"]), completed=tuple(UUID(x) for x in out["completed"])
-        )
+        return RecordResult.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+    async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim:
+        raw = await self._call("fetchval", "select poller_claim_notices($1, $2, $3)",
+                               claimer, limit, lease_s)
+        return Claim.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+    async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
+                            error: str | None, retry_s: int, max_attempts: int) -> str | None:
+        return await self._call(  # type: ignore[return-value]
+            "fetchval", "select poller_finish_notice($1, $2, $3::text[], $4, $5, $6)",
+            notice_id, claimer, list(done), error, retry_s, max_attempts)

@@ -25,7 +25,7 @@ from uuid import UUID
 import httpx
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from ..models import RecordResult, Sample
+from ..models import Claim, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
     Applied,
@@ -69,8 +69,10 @@ async def _raise_for_status(response: httpx.Response) -> None:
 
 
 class SupabaseStore:
-    def __init__(self, url: str, key: str, timeout_s: float, max_connections: int = 4) -> None:
+    def __init__(self, url: str, key: str, timeout_s: float, max_connections: int = 4,
+                 alert_settle_s: int = 60) -> None:
         self._url = url
+        self._settle_s = alert_settle_s
         self._key = key
         self._timeout = timeout_s
         self._max_connections = max_connections
@@ -171,7 +173,7 @@ class SupabaseStore:
     ) -> RecordResult:
         # Column arrays like the direct transport; floats and None only (the client's JSON
         # encoder takes no Decimal or NaN).
-        out = await self._rpc("poller_record_batch", {
+        out = await self._rpc("poller_record_samples", {
             "p_job_ids": [str(s.job_id) for s in samples],
             "p_sequence_numbers": [s.sequence_number for s in samples],
             "p_statuses": [s.status.value for s in samples],
@@ -179,6 +181,17 @@ class SupabaseStore:
             "p_jitter_ms": [s.jitter_ms for s in samples],
             "p_recorded_at": [s.recorded_at.isoformat() for s in samples],
             "p_complete_job_ids": [str(j) for j in complete_job_ids],
+            "p_settle_s": self._settle_s,
         })
-        return RecordResult(inserted=int(out["inserted"]),
-                            completed=tuple(UUID(x) for x in out["completed"]))
+        return RecordResult.from_json(out)
+
+    async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim:
+        return Claim.from_json(await self._rpc("poller_claim_notices", {
+            "p_claimer": claimer, "p_limit": limit, "p_lease_s": lease_s}))
+
+    async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
+                            error: str | None, retry_s: int, max_attempts: int) -> str | None:
+        out = await self._rpc("poller_finish_notice", {
+            "p_id": notice_id, "p_claimer": claimer, "p_done": list(done), "p_error": error,
+            "p_retry_s": retry_s, "p_max_attempts": max_attempts})
+        return None if out is None else str(out)
