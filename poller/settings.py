@@ -81,6 +81,8 @@ class Settings(BaseModel):
     # plain text, for a relay on the same host or network only.
     notify_smtp_tls: Literal["starttls", "tls", "none"] = Field("starttls",
                                                                 alias="NOTIFY_SMTP_TLS")
+    # A CA bundle (PEM) to trust for the SMTP server's certificate, e.g. an internal relay's.
+    notify_smtp_ca_file: str | None = Field(None, min_length=1, alias="NOTIFY_SMTP_CA_FILE")
     notify_smtp_username: str | None = Field(None, min_length=1, alias="NOTIFY_SMTP_USERNAME")
     notify_smtp_password: SecretStr | None = Field(None, alias="NOTIFY_SMTP_PASSWORD")
     notify_mail_from: str | None = Field(None, min_length=3, alias="NOTIFY_MAIL_FROM")
@@ -186,6 +188,8 @@ def _check_notify(s: Settings) -> None:
     if s.notify_smtp_password is not None and s.notify_smtp_tls == "none":
         raise ValueError("NOTIFY_SMTP_TLS: none would send NOTIFY_SMTP_PASSWORD in clear "
                          "text; use starttls or tls")
+    if s.notify_smtp_ca_file is not None and not os.path.isfile(s.notify_smtp_ca_file):
+        raise ValueError(f"NOTIFY_SMTP_CA_FILE: no such file: {s.notify_smtp_ca_file}")
     if s.notify_webhook_url is not None:
         try:
             _check_http_url("NOTIFY_WEBHOOK_URL", s.notify_webhook_url.get_secret_value())

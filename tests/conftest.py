@@ -19,7 +19,7 @@ from tests.support.postgrest_standin import PostgrestStandIn, make_jwt, migrate_
 
 os.environ.setdefault("POLLERFLEET_METRICS_PORT", "0")  # tests read the registry directly
 
-_TEMPLATE = "soundcheck_template"
+TEMPLATE = "soundcheck_template"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 SERVICE_ROLE_KEY = make_jwt(JWT_SECRET, "service_role")
 ANON_KEY = make_jwt(JWT_SECRET, "anon")
@@ -44,11 +44,11 @@ def pg_server() -> Iterator[LocalPostgres]:
 async def _make_template(pg: LocalPostgres) -> None:
     conn = await asyncpg.connect(pg.dsn)
     try:
-        await conn.execute(f"create database {_TEMPLATE}")
+        await conn.execute(f"create database {TEMPLATE}")
     finally:
         await conn.close()
     # As on Supabase: its roles and default privileges exist before our migrations run.
-    await migrate_like_supabase(_dsn(pg, _TEMPLATE))
+    await migrate_like_supabase(_dsn(pg, TEMPLATE))
 
 
 def _dsn(pg: LocalPostgres, db: str) -> str:
@@ -73,7 +73,7 @@ async def dsn(pg_server: LocalPostgres) -> AsyncIterator[str]:
     """A database with every migration applied (copied from a migrated template)."""
     name = f"m_{next(_counter)}"
     admin = await asyncpg.connect(pg_server.dsn)
-    await admin.execute(f"create database {name} template {_TEMPLATE}")
+    await admin.execute(f"create database {name} template {TEMPLATE}")
     try:
         yield _dsn(pg_server, name)
     finally:

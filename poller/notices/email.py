@@ -50,7 +50,7 @@ class EmailChannel:
                 password=(s.notify_smtp_password.get_secret_value()
                           if s.notify_smtp_password else None),
                 start_tls=s.notify_smtp_tls == "starttls", use_tls=s.notify_smtp_tls == "tls",
-                timeout=s.notify_timeout_ms / 1000)
+                cert_bundle=s.notify_smtp_ca_file, timeout=s.notify_timeout_ms / 1000)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             raise DeliveryError(f"SMTP refused the recipient: {_codes(exc)}",
                                 permanent=True) from None

@@ -55,7 +55,8 @@ def lines(n: Notice) -> list[tuple[str, str]]:
         facts.append(("Completed", _when(j.completed_at)))
         facts += [
             ("Result", ("PASS" if v.passed else "FAIL")
-             + f" (packet loss ≤ {LOSS_LIMIT:.0%} and p95 RTT ≤ {P95_LIMIT_MS:g} ms)"),
+             + f" (a pass needs packet loss ≤ {LOSS_LIMIT:.0%} and p95 RTT ≤ "
+               f"{P95_LIMIT_MS:g} ms)"),
             ("Samples", f"{s.total}: {s.success} success, {s.missed} missed, "
                         f"{s.system_error} system error"),
             ("Packet loss", "—" if v.packet_loss is None else f"{100 * v.packet_loss:.2f} %"),
