@@ -19,6 +19,7 @@ import uuid
 
 from ..metrics import Metrics
 from ..models import Notice
+from ..progress import Progress
 from ..settings import Settings
 from ..store import Store, StoreError, raise_if_cancelling
 from . import Channel, DeliveryError
@@ -40,6 +41,7 @@ class Deliverer:
         # Sends of one claim run side by side, each bounded: the lease outlasts them.
         self.lease_s = int(len(channels) * timeout_s + 30)
         self._stop = asyncio.Event()
+        self.progress = Progress()  # notified after every claim and its deliveries
 
     def stop(self) -> None:
         """Finish the claim in hand, claim no more."""
@@ -72,6 +74,7 @@ class Deliverer:
         self.metrics.outbox_pending.set(claim.pending - len(claim.notices))
         # Shielded: a stop in the middle still records what was sent.
         await asyncio.shield(asyncio.gather(*(self.deliver(n) for n in claim.notices)))
+        self.progress.notify()
         return len(claim.notices)
 
     async def deliver(self, notice: Notice) -> None:
@@ -98,7 +101,7 @@ class Deliverer:
         max_attempts = notice.attempts if error and permanent else s.notify_max_attempts
         try:
             status = await self.store.finish_notice(notice.id, self.claimer, done, error,
-                                                    round(retry_s), max_attempts)
+                                                    retry_s, max_attempts)
         except StoreError as exc:
             log.warning("notice %d (%s, job %s): outcome not recorded, it will be retried "
                         "when the claim lapses: %s", notice.id, notice.kind, notice.job.id, exc)
@@ -111,9 +114,9 @@ class Deliverer:
             log.warning("notice %d: the claim lapsed before the outcome was recorded",
                         notice.id)
         elif error:
-            log.warning("notice %d (%s, job %s) attempt %d failed, retrying in %ds: %s",
-                        notice.id, notice.kind, notice.job.id, notice.attempts,
-                        round(retry_s), error)
+            log.warning("notice %d (%s, job %s) attempt %d failed, retrying in %.1fs: %s",
+                        notice.id, notice.kind, notice.job.id, notice.attempts, retry_s,
+                        error)
         else:
             log.info("notice %d (%s, job %s) sent by %s", notice.id, notice.kind,
                      notice.job.id, ", ".join(done))

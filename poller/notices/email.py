@@ -5,7 +5,8 @@ same notice twice (a send whose outcome was lost with its process) can tell."""
 from __future__ import annotations
 
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.policy import SMTP
+from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 
@@ -13,6 +14,11 @@ from ..models import Notice
 from ..settings import Settings
 from . import DeliveryError
 from .render import html_body, subject, text
+
+# Headers folded at 998 characters (RFC 5322's limit), not 78: the standard library folds a
+# subject just over 78 characters before its first word, which readers show with a
+# leading space.
+_POLICY = SMTP.clone(max_line_length=998)
 
 
 class EmailChannel:
@@ -45,7 +51,10 @@ class EmailChannel:
                                 permanent=True)
         try:
             await aiosmtplib.send(
-                self.message(notice), hostname=s.notify_smtp_host, port=s.notify_smtp_port,
+                self.message(notice).as_bytes(policy=_POLICY),
+                sender=parseaddr(s.notify_mail_from or "")[1],
+                recipients=[notice.job.notification_email],
+                hostname=s.notify_smtp_host, port=s.notify_smtp_port,
                 username=s.notify_smtp_username,
                 password=(s.notify_smtp_password.get_secret_value()
                           if s.notify_smtp_password else None),

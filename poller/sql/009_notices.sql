@@ -333,7 +333,7 @@ $$;
 -- delivered). After p_max_attempts attempts a notice is 'failed'. The alert row mirrors
 -- the outcome. Returns the notice's status, or null when the claim had lapsed.
 create or replace function poller_finish_notice(p_id bigint, p_claimer text, p_done text[],
-                                                p_error text, p_retry_s int,
+                                                p_error text, p_retry_s float8,
                                                 p_max_attempts int)
 returns text
 language sql

@@ -72,7 +72,7 @@ class Store(Protocol):
     async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim: ...
 
     async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
-                            error: str | None, retry_s: int, max_attempts: int
+                            error: str | None, retry_s: float, max_attempts: int
                             ) -> str | None: ...
 
     async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,

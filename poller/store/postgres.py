@@ -229,7 +229,7 @@ class PostgresStore:
         return Claim.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
-                            error: str | None, retry_s: int, max_attempts: int) -> str | None:
+                            error: str | None, retry_s: float, max_attempts: int) -> str | None:
         return await self._call(  # type: ignore[return-value]
-            "fetchval", "select poller_finish_notice($1, $2, $3::text[], $4, $5, $6)",
+            "fetchval", "select poller_finish_notice($1, $2, $3::text[], $4, $5::float8, $6)",
             notice_id, claimer, list(done), error, retry_s, max_attempts)

@@ -190,7 +190,7 @@ class SupabaseStore:
             "p_claimer": claimer, "p_limit": limit, "p_lease_s": lease_s}))
 
     async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
-                            error: str | None, retry_s: int, max_attempts: int) -> str | None:
+                            error: str | None, retry_s: float, max_attempts: int) -> str | None:
         out = await self._rpc("poller_finish_notice", {
             "p_id": notice_id, "p_claimer": claimer, "p_done": list(done), "p_error": error,
             "p_retry_s": retry_s, "p_max_attempts": max_attempts})

@@ -1,0 +1,315 @@
+"""Delivery of alerts and completion notices through real receivers: an SMTP server with
+STARTTLS and AUTH, and an HTTP webhook receiver. Every channel goes through the same
+contract cases; the delivery loop runs against a real Postgres on both transports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+
+from poller.localpg import free_port
+from poller.metrics import Metrics
+from poller.models import JobSummary, Notice, NoticeJob
+from poller.notices import Channel, DeliveryError, make_channels
+from poller.notices.delivery import Deliverer
+from poller.service import make_store
+from poller.settings import Settings
+from poller.store import Store
+from tests.conftest import DbEnv
+from tests.support.db import add_jobs
+from tests.support.receivers import SMTP_PASSWORD, SMTP_USER, RefusingSink, ThrowawayCA, WebhookSink
+
+BASE_URL = "https://soundcheck.example.com"
+
+
+@pytest.fixture(scope="module")
+def ca() -> Iterator[ThrowawayCA]:
+    ca = ThrowawayCA()
+    yield ca
+    ca.close()
+
+
+@pytest.fixture
+async def smtp(ca: ThrowawayCA) -> AsyncIterator[RefusingSink]:
+    sink = RefusingSink(free_port(), tls=ca.server, credentials=(SMTP_USER, SMTP_PASSWORD))
+    await sink.start()
+    yield sink
+    await sink.stop()
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[WebhookSink]:
+    sink = WebhookSink()
+    await sink.start()
+    yield sink
+    await sink.stop()
+
+
+def notify_env(ca: ThrowawayCA, smtp: RefusingSink | None = None,
+               hook: WebhookSink | None = None, **extra: str) -> dict[str, str]:
+    env = {"NOTIFY_APP_BASE_URL": BASE_URL, "NOTIFY_INTERVAL_MS": "100",
+           "NOTIFY_TIMEOUT_MS": "3000", **extra}
+    if smtp is not None:
+        env |= {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(smtp.port),
+                "NOTIFY_SMTP_USERNAME": SMTP_USER, "NOTIFY_SMTP_PASSWORD": SMTP_PASSWORD,
+                "NOTIFY_SMTP_CA_FILE": ca.ca_file,
+                "NOTIFY_MAIL_FROM": "Sound Check <noreply@soundcheck.example.com>"}
+    if hook is not None:
+        env["NOTIFY_WEBHOOK_URL"] = hook.url
+    return env
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env({"DATABASE_URL": "postgresql://unused@127.0.0.1/x", **env})
+
+
+def _notice(kind: str = "completion", email: str = "noc@example.com",
+            notice_id: int = 41) -> Notice:
+    job = NoticeJob(uuid4(), "ACC-77", "192.0.2.44", email, "Ann <Ops>", 10, 60,
+                    datetime(2026, 11, 29, 9, 0, tzinfo=UTC),
+                    datetime(2026, 11, 29, 10, 0, tzinfo=UTC))
+    summary = JobSummary(360, 352, 6, 2, 12.5, 80.25, 41.0, 1, 5)
+    if kind == "completion":
+        return Notice(notice_id, "completion", 1, job, summary=summary)
+    return Notice(notice_id, kind, 1, job,  # type: ignore[arg-type]
+                  triggered_at=datetime(2026, 11, 29, 9, 30, tzinfo=UTC))
+
+
+# The channel contract: every channel, the same cases -------------------------------------
+
+class Receiver:
+    """A channel with its receiver, seen the same way whatever the channel."""
+
+    def __init__(self, channel: Channel, sink: RefusingSink | WebhookSink) -> None:
+        self.channel, self.sink = channel, sink
+
+    def count(self) -> int:
+        if isinstance(self.sink, RefusingSink):
+            return len(self.sink.messages)
+        return len(self.sink.received)
+
+    def refuse(self, notice: Notice) -> None:
+        if isinstance(self.sink, RefusingSink):
+            self.sink.refused.add(notice.job.notification_email)
+        else:
+            self.sink.status = 422
+
+
+@pytest.fixture(params=["email", "webhook"])
+async def receiver(request: pytest.FixtureRequest, ca: ThrowawayCA, smtp: RefusingSink,
+                   hook: WebhookSink) -> AsyncIterator[Receiver]:
+    env = notify_env(ca, smtp if request.param == "email" else None,
+                     hook if request.param == "webhook" else None)
+    [channel] = make_channels(_settings(env))
+    await channel.start()
+    yield Receiver(channel, smtp if request.param == "email" else hook)
+    await channel.close()
+
+
+async def test_a_channel_delivers_once_per_send(receiver: Receiver) -> None:
+    await receiver.channel.send(_notice())
+    await receiver.channel.send(_notice("offline", notice_id=42))
+    assert receiver.count() == 2
+
+
+async def test_a_receiver_that_is_down_is_worth_retrying(receiver: Receiver) -> None:
+    await receiver.sink.stop()
+    with pytest.raises(DeliveryError) as err:
+        await receiver.channel.send(_notice())
+    assert not err.value.permanent
+    await receiver.sink.start()  # back on the same port: it goes through
+    await receiver.channel.send(_notice())
+    assert receiver.count() == 1
+
+
+async def test_a_refusal_is_permanent(receiver: Receiver) -> None:
+    notice = _notice()
+    receiver.refuse(notice)
+    with pytest.raises(DeliveryError) as err:
+        await receiver.channel.send(notice)
+    assert err.value.permanent
+    assert receiver.count() == 0
+
+
+# What the messages say ------------------------------------------------------------------
+
+async def test_the_completion_mail_reads_well(ca: ThrowawayCA, smtp: RefusingSink) -> None:
+    [channel] = make_channels(_settings(notify_env(ca, smtp)))
+    notice = _notice()
+    await channel.send(notice)
+    [msg] = smtp.messages
+    assert smtp.recipients == [["noc@example.com"]]
+    assert msg["Subject"] == ("[Sound Check] PASS: monitoring of 192.0.2.44 (account ACC-77) "
+                              "complete")
+    assert msg["Message-ID"] == "<soundcheck-notice-41@soundcheck.example.com>"
+    plain = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    for text in (plain, html):
+        assert "ACC-77" in text and "192.0.2.44" in text
+        assert "every 10 s" in text and "60 min" in text
+        assert "1.68 %" in text  # 6 / (352 + 6)
+        assert "p95 41.00 ms" in text
+        assert f"{BASE_URL}/jobs/{notice.job.id}" in text
+        assert "PASS" in text  # 1.68 % loss, p95 41 ms
+        assert "352 success, 6 missed, 2 system error" in text
+    assert "Ann <Ops>" in plain and "Ann &lt;Ops&gt;" in html  # escaped in HTML
+
+
+async def test_the_webhook_payload(ca: ThrowawayCA, hook: WebhookSink) -> None:
+    [channel] = make_channels(_settings(notify_env(ca, hook=hook)))
+    await channel.start()
+    try:
+        await channel.send(_notice("offline"))
+    finally:
+        await channel.close()
+    [body] = hook.received
+    assert hook.keys == ["soundcheck-notice-41"]
+    assert body["kind"] == "offline" and body["text"].startswith("[Sound Check] OFFLINE")
+    assert body["job"]["url"].startswith(f"{BASE_URL}/jobs/")
+    assert body["triggered_at"] == "2026-11-29T09:30:00+00:00"
+
+
+# The delivery loop, against a real Postgres (both transports) ----------------------------
+
+_RECORD = ("select poller_record_samples($1::uuid[], $2::int[], $3::text[], $4::float8[], "
+           "$5::float8[], $6::timestamptz[], $7::uuid[], 60)")
+
+
+async def _completed_jobs(conn: asyncpg.Connection, n: int, email: str = "noc@example.com"
+                          ) -> list[UUID]:
+    """n jobs completed through a batch: one completion notice each."""
+    ids = await add_jobs(conn, [f"192.0.2.{i + 1}" for i in range(n)], duration_minutes=1,
+                         started_at=datetime.now(UTC) - timedelta(minutes=2))
+    await conn.execute("update jobs set notification_email = $1 where id = any($2::uuid[])",
+                       email, ids)
+    await conn.fetchval(_RECORD, [], [], [], [], [], [], ids)
+    return ids
+
+
+async def _offline_job(conn: asyncpg.Connection) -> UUID:
+    """A job whose first 5 samples missed: one offline alert."""
+    started = datetime.now(UTC) - timedelta(seconds=10)
+    [job] = await add_jobs(conn, ["192.0.2.200"], started_at=started)
+    await conn.fetchval(_RECORD, [job] * 5, list(range(5)), ["missed"] * 5, [None] * 5,
+                        [None] * 5, [started + timedelta(seconds=k) for k in range(5)], [])
+    return job
+
+
+class Delivery:
+    """A deliverer (with its own store) running in the background."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.settings = Settings.from_env(env)
+        self.metrics = Metrics()
+        self.store: Store = make_store(self.settings)
+        self.deliverer = Deliverer(self.store, make_channels(self.settings), self.settings,
+                                   self.metrics)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Delivery:
+        await self.store.open()
+        self._task = asyncio.create_task(self.deliverer.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.deliverer.stop()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 10)
+        await self.store.close()
+
+    def count(self, name: str, channel: str | None = None) -> float:
+        return self.metrics.value(name, {"channel": channel} if channel else None)
+
+    async def until(self, cond: Callable[[], bool], timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            await self.deliverer.progress.wait_for(cond)
+
+
+async def _outbox(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await conn.fetch("select * from poller_outbox order by id")
+
+
+async def test_an_smtp_outage_delays_notices_and_sends_each_once(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, ca: ThrowawayCA,
+        smtp: RefusingSink) -> None:
+    await _completed_jobs(conn, 3)
+    await _offline_job(conn)
+    await smtp.stop()
+    async with Delivery({**await db_env(dsn), **notify_env(ca, smtp)}) as d:
+        await d.until(lambda: d.count("soundcheck_poller_notice_failures_total", "email") >= 8)
+        rows = await _outbox(conn)
+        assert {r["status"] for r in rows} == {"pending"} and min(
+            r["attempts"] for r in rows) >= 2
+        await smtp.start()
+        await d.until(lambda: d.count("soundcheck_poller_notices_sent_total", "email") == 4)
+    assert len(smtp.messages) == 4
+    assert len({m["Message-ID"] for m in smtp.messages}) == 4
+    rows = await _outbox(conn)
+    assert {r["status"] for r in rows} == {"sent"} and all(r["sent_at"] for r in rows)
+    alert = await conn.fetchrow("select * from alerts")
+    assert alert["delivery_status"] == "sent" and alert["delivered_at"] is not None
+    subjects = sorted(str(m["Subject"]) for m in smtp.messages)
+    assert sum("OFFLINE" in s for s in subjects) == 1
+    assert sum("complete" in s for s in subjects) == 3
+
+
+async def test_two_replicas_delivering_at_once_send_each_notice_once(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, ca: ThrowawayCA,
+        smtp: RefusingSink) -> None:
+    await _completed_jobs(conn, 30)
+    env = {**await db_env(dsn), **notify_env(ca, smtp)}
+    async with Delivery(env) as a, Delivery(env) as b:
+        await smtp.progress.wait_for(lambda: len(smtp.messages) >= 30)
+        await a.until(lambda: a.count("soundcheck_poller_notices_sent_total", "email")
+                      + b.count("soundcheck_poller_notices_sent_total", "email") == 30)
+    assert len(smtp.messages) == 30
+    assert len({m["Message-ID"] for m in smtp.messages}) == 30
+    print(f"\ntwo deliverers: {a.count('soundcheck_poller_notices_sent_total', 'email'):.0f}"
+          f" + {b.count('soundcheck_poller_notices_sent_total', 'email'):.0f} mails")
+
+
+async def test_a_notice_fails_for_good_after_the_last_attempt(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, ca: ThrowawayCA,
+        hook: WebhookSink) -> None:
+    await _offline_job(conn)
+    hook.status = 503
+    env = {**await db_env(dsn), **notify_env(ca, hook=hook, NOTIFY_MAX_ATTEMPTS="3")}
+    async with Delivery(env) as d:
+        await d.until(lambda: d.count("soundcheck_poller_notices_given_up_total") == 1)
+    [row] = await _outbox(conn)
+    assert (row["status"], row["attempts"]) == ("failed", 3)
+    assert "HTTP 503" in row["last_error"] and "token" not in row["last_error"]
+    assert await conn.fetchval("select delivery_status from alerts") == "failed"
+    assert hook.received == []
+
+
+async def test_a_refused_recipient_is_not_retried(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, ca: ThrowawayCA,
+        smtp: RefusingSink) -> None:
+    await _completed_jobs(conn, 1, email="gone@example.com")
+    smtp.refused.add("gone@example.com")
+    async with Delivery({**await db_env(dsn), **notify_env(ca, smtp)}) as d:
+        await d.until(lambda: d.count("soundcheck_poller_notices_given_up_total") == 1)
+    [row] = await _outbox(conn)
+    assert (row["status"], row["attempts"]) == ("failed", 1)
+    assert "550" in row["last_error"]
+
+
+async def test_a_channel_that_took_a_notice_does_not_get_it_again(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, ca: ThrowawayCA,
+        smtp: RefusingSink, hook: WebhookSink) -> None:
+    await _completed_jobs(conn, 1)
+    hook.status = 503
+    async with Delivery({**await db_env(dsn), **notify_env(ca, smtp, hook)}) as d:
+        await d.until(lambda: d.count("soundcheck_poller_notice_failures_total", "webhook")
+                      >= 2)
+        hook.status = 200
+        await d.until(lambda: d.count("soundcheck_poller_notices_sent_total", "webhook") == 1)
+    assert len(smtp.messages) == 1 and len(hook.received) == 1
+    [row] = await _outbox(conn)
+    assert row["status"] == "sent" and row["done_channels"] == ["email", "webhook"]
