@@ -98,18 +98,21 @@ as $$
     ),
     r as (  -- the length of the run at each sample; the first run continues the carried one
         select e.id, e.seq, e.recorded_at, e.kind,
+               (e.kind = -1 and c.alert_on_offline) or (e.kind = 1 and c.alert_on_recovery)
+               as wanted,
                row_number() over (partition by e.id, e.kind, e.grp order by e.seq) as rn,
                row_number() over (partition by e.id, e.kind, e.grp order by e.seq)
                + case when e.grp = 0 and sign(c.run0) = e.kind then abs(c.run0) else 0 end as len
         from e join c on c.id = e.id
     ),
     k as (  -- where a run reaches 5, and the state before the batch as a starting point
-        select r.id, r.seq, r.recorded_at, r.kind from r where r.len >= 5 and (r.len = 5 or r.rn = 1)
+        select r.id, r.seq, r.recorded_at, r.kind, r.wanted
+        from r where r.len >= 5 and (r.len = 5 or r.rn = 1)
         union all
-        select c.id, -2, null, case when c.state0 = 'ok' then 1 else -1 end from c
+        select c.id, -2, null, case when c.state0 = 'ok' then 1 else -1 end, false from c
     ),
     tr as (  -- transitions: a run of the kind opposite to the state (-1 offline, 1 recovery)
-        select id, seq, recorded_at, kind
+        select id, seq, recorded_at, kind, wanted
         from (select k.*, k.kind <> lag(k.kind) over (partition by k.id order by k.seq) as flip
               from k) x
         where flip
@@ -146,8 +149,8 @@ as $$
         insert into alerts (job_id, alert_type, triggered_at, delivery_status)
         select tr.id, case when tr.kind = 1 then 'recovery' else 'offline' end,
                tr.recorded_at, 'pending'
-        from tr join u on u.id = tr.id join c on c.id = tr.id
-        where (tr.kind = -1 and c.alert_on_offline) or (tr.kind = 1 and c.alert_on_recovery)
+        from tr
+        where tr.wanted and tr.id in (select id from u)
         returning id, job_id, alert_type
     ),
     o as (
@@ -158,8 +161,8 @@ as $$
     select jsonb_build_object(
         'retry', coalesce((select jsonb_agg(n.id) from need n
                            where not exists (select 1 from u where u.id = n.id)), '[]'),
-        'offline', (select count(*) from tr join u on u.id = tr.id where tr.kind = -1),
-        'recovery', (select count(*) from tr join u on u.id = tr.id where tr.kind = 1),
+        'offline', (select count(*) from tr where tr.kind = -1 and tr.id in (select id from u)),
+        'recovery', (select count(*) from tr where tr.kind = 1 and tr.id in (select id from u)),
         'alerts', (select count(*) from o))
 $$;
 
@@ -183,9 +186,9 @@ declare
     v_inserted int;
     v_completed uuid[] := '{}';
     v_id uuid;
-    v_ids uuid[] := p_job_ids;
-    v_ts timestamptz[] := p_recorded_at;
+    v_ids uuid[];  -- the jobs left to the general evaluation
     v_out jsonb;
+    v_alerts int;
     v_offline int := 0;
     v_recovery int := 0;
     v_try int := 0;
@@ -202,19 +205,101 @@ begin
         raise exception 'p_settle_s must be 0 or more (got %)', p_settle_s using errcode = '22023';
     end if;
 
-    insert into samples (job_id, sequence_number, status, rtt_ms, jitter_ms, recorded_at)
-    select u.job_id, u.seq, u.status::sample_status, round(u.rtt::numeric, 2),
-           round(u.jitter::numeric, 2), u.ts
-    from unnest(p_job_ids, p_sequence_numbers, p_statuses, p_rtt_ms, p_jitter_ms, p_recorded_at)
-         as u(job_id, seq, status, rtt, jitter, ts)
-    -- A job deleted while its samples were buffered: drop them rather than fail the batch.
-    where exists (select 1 from jobs j where j.id = u.job_id)
-    on conflict (job_id, sequence_number) do nothing;
-    get diagnostics v_inserted = row_count;
+    -- One statement: insert, move last_ping_at, and evaluate the common case in place: a
+    -- job whose samples inserted by this batch extend its cursor without a hole and are of
+    -- one kind (successes, or misses; system errors among them), so the run just grows.
+    -- The cursor, run and state are read from the job row the UPDATE locks (compare-and-
+    -- set against the values joined: a concurrent batch that moved them makes this job
+    -- fall to the general evaluation below). The rest (mixed kinds, holes, late samples)
+    -- is evaluated by soundcheck_evaluate_alerts.
+    with ins as (
+        insert into samples (job_id, sequence_number, status, rtt_ms, jitter_ms, recorded_at)
+        select u.job_id, u.seq, u.status::sample_status, round(u.rtt::numeric, 2),
+               round(u.jitter::numeric, 2), u.ts
+        from unnest(p_job_ids, p_sequence_numbers, p_statuses, p_rtt_ms, p_jitter_ms,
+                    p_recorded_at) as u(job_id, seq, status, rtt, jitter, ts)
+        -- A job deleted while its samples were buffered: drop them, not the batch.
+        where exists (select 1 from jobs j where j.id = u.job_id)
+        on conflict (job_id, sequence_number) do nothing
+        returning job_id, sequence_number, status, recorded_at
+    ),
+    blk as (  -- per job: what this batch inserted (a duplicate's writer moved last_ping_at)
+        select job_id, count(*) as n, min(sequence_number) as lo, max(sequence_number) as hi,
+               count(*) filter (where status = 'success') as ns,
+               count(*) filter (where status = 'missed') as nm,
+               max(recorded_at) as ts
+        from ins group by job_id
+    ),
+    x as (
+        select blk.job_id, blk.ts, j.poller_alert_seq as seq0,
+               coalesce(j.poller_alert_run, 0)::int as run0, j.alert_state as state0,
+               j.alert_on_offline, j.alert_on_recovery, blk.n, blk.hi,
+               (blk.ns + blk.nm)::int as cnt,
+               case when blk.ns > 0 then 1 when blk.nm > 0 then -1 else 0 end as kind,
+               blk.hi - blk.lo + 1 = blk.n and blk.lo = coalesce(j.poller_alert_seq, -1) + 1
+               and (blk.ns = 0 or blk.nm = 0) as fast
+        from blk join jobs j on j.id = blk.job_id
+    ),
+    y as (
+        select x.*, case when x.kind = 0 then x.run0
+                         else x.kind * least(5, x.carry + x.cnt) end as run1,
+               x.kind <> 0 and x.carry + x.cnt >= 5
+               and (x.kind = -1) = (x.state0 = 'ok') as trans,
+               greatest(1, 5 - x.carry) as trans_nth  -- the sample that makes the run 5
+        from (select x.*, case when sign(x.run0) = x.kind then abs(x.run0) else 0 end as carry
+              from x) x
+    ),
+    upd as (
+        update jobs j
+        set last_ping_at = greatest(j.last_ping_at, y.ts),
+            -- Each column moves only if the row is still as it was joined in x.
+            poller_alert_seq = case when y.fast and (j.poller_alert_seq,
+                                        coalesce(j.poller_alert_run, 0), j.alert_state)
+                                        is not distinct from (y.seq0, y.run0, y.state0)
+                                    then y.hi else j.poller_alert_seq end,
+            poller_alert_run = case when y.fast and (j.poller_alert_seq,
+                                        coalesce(j.poller_alert_run, 0), j.alert_state)
+                                        is not distinct from (y.seq0, y.run0, y.state0)
+                                    then y.run1 else j.poller_alert_run end,
+            alert_state = case when y.fast and y.trans and (j.poller_alert_seq,
+                                   coalesce(j.poller_alert_run, 0), j.alert_state)
+                                   is not distinct from (y.seq0, y.run0, y.state0)
+                               then (case when y.kind = 1 then 'ok' else 'offline_alerted'
+                                     end)::alert_state
+                               else j.alert_state end
+        from y
+        where j.id = y.job_id
+        -- applied: the cursor is now past this batch's samples (no other batch can have
+        -- put it there: they were inserted, so unseen, by this one)
+        returning j.id, y.n, y.fast and j.poller_alert_seq = y.hi as applied,
+                  y.trans, y.kind, y.trans_nth, y.alert_on_offline, y.alert_on_recovery
+    ),
+    a as (
+        insert into alerts (job_id, alert_type, triggered_at, delivery_status)
+        select upd.id, case when upd.kind = 1 then 'recovery' else 'offline' end,
+               (select i.recorded_at from ins i
+                where i.job_id = upd.id and i.status <> 'system_error'
+                order by i.sequence_number offset upd.trans_nth - 1 limit 1), 'pending'
+        from upd
+        where applied and trans
+          and ((kind = -1 and alert_on_offline) or (kind = 1 and alert_on_recovery))
+        returning id, job_id, alert_type
+    ),
+    o as (
+        insert into poller_outbox (kind, job_id, alert_id)
+        select alert_type, job_id, id from a
+        returning 1
+    )
+    select coalesce(sum(n), 0), count(*) filter (where applied and trans and kind = -1),
+           count(*) filter (where applied and trans and kind = 1),
+           coalesce(array_agg(id) filter (where not applied), '{}'), (select count(*) from o)
+    into v_inserted, v_offline, v_recovery, v_ids, v_alerts
+    from upd;
 
     -- Each call is a new statement, so a retry sees what the batch it waited for wrote.
-    loop
-        v_out := soundcheck_evaluate_alerts(v_ids, v_ts, p_settle_s, false);
+    while cardinality(v_ids) > 0 loop
+        -- last_ping_at was moved above: no sample times to pass
+        v_out := soundcheck_evaluate_alerts(v_ids, null, p_settle_s, false);
         v_offline := v_offline + (v_out->>'offline')::int;
         v_recovery := v_recovery + (v_out->>'recovery')::int;
         exit when jsonb_array_length(v_out->'retry') = 0;
@@ -223,9 +308,8 @@ begin
             raise exception 'alert evaluation kept racing with other batches'
                 using errcode = '40001';
         end if;
-        select array_agg(u.job_id), array_agg(u.ts) into v_ids, v_ts
-        from unnest(p_job_ids, p_recorded_at) as u(job_id, ts)
-        where u.job_id in (select x::uuid from jsonb_array_elements_text(v_out->'retry') x);
+        select coalesce(array_agg(x::uuid), '{}') into v_ids
+        from jsonb_array_elements_text(v_out->'retry') x;
     end loop;
 
     for v_id in
