@@ -22,6 +22,8 @@ from poller.settings import Settings
 from poller.store import Store
 from tests.conftest import DbEnv
 from tests.support.db import add_jobs
+from tests.support.latency_standin import NO_REPLY, LatencyStandIn
+from tests.support.processes import PollerProcess
 from tests.support.receivers import SMTP_PASSWORD, SMTP_USER, RefusingSink, ThrowawayCA, WebhookSink
 
 BASE_URL = "https://soundcheck.example.com"
@@ -313,3 +315,44 @@ async def test_a_channel_that_took_a_notice_does_not_get_it_again(
     assert len(smtp.messages) == 1 and len(hook.received) == 1
     [row] = await _outbox(conn)
     assert row["status"] == "sent" and row["done_channels"] == ["email", "webhook"]
+
+
+# A real poller process: alerts raised from what it writes, notices it delivers ---------
+
+@pytest.mark.slow
+async def test_a_poller_raises_the_offline_alert_and_mails_the_completion(
+        conn: asyncpg.Connection, dsn: str, db_env: DbEnv, ca: ThrowawayCA,
+        smtp: RefusingSink, standin: LatencyStandIn) -> None:
+    standin.behaviours["192.0.2.66"] = NO_REPLY  # a dead target: every ping missed
+    [dead] = await add_jobs(conn, ["192.0.2.66"], cadence_seconds=1)
+    [short] = await add_jobs(conn, ["127.0.0.66"], cadence_seconds=1, duration_minutes=1,
+                             started_at=datetime.now(UTC) - timedelta(seconds=52))
+    proc = PollerProcess({**await db_env(dsn), **notify_env(ca, smtp),
+                          "LATENCY_API_URL": standin.url, "POLL_INTERVAL_MS": "500",
+                          "BATCH_FLUSH_INTERVAL_MS": "200"})
+    await proc.start()
+    try:
+        async with asyncio.timeout(30):
+            await smtp.progress.wait_for(lambda: len(smtp.messages) >= 2)
+        assert proc.proc is not None and proc.proc.returncode is None
+        proc.terminate()
+        assert await proc.wait() == 0
+    finally:
+        await proc.kill()
+    subjects = sorted(str(m["Subject"]) for m in smtp.messages)
+    assert subjects == ["[Sound Check] OFFLINE: 192.0.2.66 (account ACC-1)",
+                        "[Sound Check] PASS: monitoring of 127.0.0.66 (account ACC-1) complete"]
+    alert = await conn.fetchrow("select * from alerts")
+    assert (alert["job_id"], alert["alert_type"], alert["delivery_status"]) == (
+        dead, "offline", "sent")
+    assert await conn.fetchval("select alert_state::text from jobs where id = $1",
+                               dead) == "offline_alerted"
+    # The alert came from the 5th missed sample the poller wrote.
+    fifth = await conn.fetchval(
+        "select recorded_at from samples where job_id = $1 order by sequence_number "
+        "offset 4 limit 1", dead)
+    assert alert["triggered_at"] == fifth
+    assert await conn.fetchval("select status::text from jobs where id = $1",
+                               short) == "completed"
+    assert "notices email" in proc.log
+    assert SMTP_PASSWORD not in proc.log
