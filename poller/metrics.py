@@ -110,6 +110,9 @@ class Metrics:
         self.notices_given_up = Counter(
             "soundcheck_poller_notices_given_up", "Notices marked failed after "
             "NOTIFY_MAX_ATTEMPTS attempts", registry=r)
+        self.notice_channels = Gauge(
+            "soundcheck_poller_notice_channels", "Delivery channels this replica delivers "
+            "notices with (0: it delivers none)", registry=r)
         self.outbox_pending = Gauge(
             "soundcheck_poller_outbox_pending", "Notices waiting in the outbox (fleet-wide), "
             "as of this replica's last claim", registry=r)

@@ -122,6 +122,7 @@ class Service:
         # Alerts and completion notices: delivered by this process only with a channel.
         self.deliverer = (Deliverer(self.store, channels, s, self.metrics) if channels
                           else None)
+        self.metrics.notice_channels.set(len(channels))
         self.replica_counts = [s.replica_count]
         self.applied = Applied()  # the fleet topology the scheduler has taken up
         self.live: tuple[int, ...] = ()  # the fleet's live replicas, as of the last sync

@@ -10,6 +10,8 @@ from pollerfleet.handover import Step, next_step
 from pollerfleet.sizing import decide, recommend
 from pollerfleet.spec import FleetSpec, SpecError, parse
 
+from poller.settings import Settings
+
 BASE: dict[str, Any] = {
     "image": "img:1",
     "database": {"secretName": "db", "databaseUrlKey": "url"},
@@ -41,6 +43,21 @@ def test_defaults() -> None:
     ({"pollerEnv": {"REPLICA_ID": "3"}}, "spec.pollerEnv"),
     ({"latencyApiUrl": None}, "spec.latencyApiUrl"),
     ({"latencySidecar": True}, "spec.latencyApiUrl"),
+    ({"notifications": {"email": {"from": "a@b.c"}}}, "spec.notifications.email.host"),
+    ({"notifications": {"email": {"host": "smtp", "from": "nobody"}}},
+     "spec.notifications.email.from"),
+    ({"notifications": {"email": {"host": "smtp", "from": "a@b.c", "tls": "ssl"}}},
+     "spec.notifications.email.tls"),
+    ({"notifications": {"email": {"host": "smtp", "from": "a@b.c", "port": 70000}}},
+     "spec.notifications.email.port"),
+    ({"notifications": {"email": {"host": "smtp", "from": "a@b.c", "secretName": "s",
+                                  "usernameKey": "u"}}}, "spec.notifications.email"),
+    ({"notifications": {"email": {"host": "smtp", "from": "a@b.c", "tls": "none",
+                                  "secretName": "s", "usernameKey": "u",
+                                  "passwordKey": "p"}}}, "spec.notifications.email.tls"),
+    ({"notifications": {"webhook": {"secretName": "s"}}}, "spec.notifications.webhook"),
+    ({"notifications": {"appBaseUrl": "soundcheck.example.com"}},
+     "spec.notifications.appBaseUrl"),
 ])
 def test_bad_spec_names_the_field(over: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecError) as err:
@@ -194,3 +211,31 @@ def test_to_zero_and_back() -> None:
 def test_missing_pods_get_their_buckets_taken_over() -> None:
     # e.g. someone scaled the StatefulSet by hand, or a step was lost in a crash
     assert next_step((4,), 2, pods=2, ready=2, desired=2, seen={}) == Step(publish=(4, 2))
+
+
+NOTIFY = {"appBaseUrl": "https://app.example.com",
+          "email": {"host": "smtp.example.com", "from": "Sound Check <noreply@example.com>",
+                    "secretName": "mail", "usernameKey": "user", "passwordKey": "pass"},
+          "webhook": {"secretName": "hook", "urlKey": "url"}}
+
+
+def test_render_notifications_from_secrets_and_the_poller_accepts_them() -> None:
+    env = _env(render.pod_template("f", "ns", spec(notifications=NOTIFY)))
+    assert env["NOTIFY_SMTP_HOST"]["value"] == "smtp.example.com"
+    assert env["NOTIFY_SMTP_PORT"]["value"] == "587"
+    assert env["NOTIFY_SMTP_TLS"]["value"] == "starttls"
+    assert env["NOTIFY_SMTP_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mail",
+                                                                         "key": "pass"}
+    assert env["NOTIFY_WEBHOOK_URL"]["valueFrom"]["secretKeyRef"] == {"name": "hook",
+                                                                       "key": "url"}
+    # What the kubelet would hand the poller (secrets resolved): settings it accepts.
+    resolved = {name: e.get("value", "https://hooks.example.com/t" if name.endswith("URL")
+                               else "x") for name, e in env.items()}
+    resolved |= {"REPLICA_ID": "0", "DATABASE_URL": "postgresql://u@db/x"}
+    settings = Settings.from_env(resolved)
+    assert settings.notify_channels == ("email", "webhook")
+
+
+def test_no_notifications_no_notify_settings() -> None:
+    env = _env(render.pod_template("f", "ns", spec()))
+    assert not [name for name in env if name.startswith("NOTIFY_")]

@@ -87,6 +87,9 @@ def test_example_fleet_matches_the_crd_schema_and_the_operator() -> None:
 @pytest.mark.parametrize("bad", [
     {"jobsPerReplica": 0}, {"minReplicas": -1}, {"image": ""}, {"latencyApiUrl": "spreedb"},
     {"pollerEnv": {"BATCH_SIZE": 1000}},
+    {"notifications": {"email": {"host": "smtp", "from": "a@b.c", "tls": "ssl"}}},
+    {"notifications": {"email": {"from": "a@b.c"}}},
+    {"notifications": {"webhook": {"secretName": "s"}}},
 ])
 def test_crd_schema_rejects(bad: dict[str, Any]) -> None:
     (fleet,) = docs(ROOT / "manifests" / "pollerfleet.yaml")

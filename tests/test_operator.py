@@ -371,3 +371,18 @@ async def test_a_wall_clock_step_neither_stops_nor_rushes_the_fleet(
         await cluster.until(lambda n=seen: len(reads) >= n + 3)  # still syncing
         assert cluster.replicas("clock") == 3  # and no shrink before the window has passed
     assert cluster.fleet_status("clock").get("runningJobs") == 10
+
+
+async def test_the_status_shows_the_notices_waiting(cluster: Cluster, conn: asyncpg.Connection,
+                                                    pods: None) -> None:
+    await cluster.post(f"/apis/soundcheck.io/v1alpha1/namespaces/{NS}/pollerfleets",
+                       fleet("notices"))
+    await cluster.until(lambda: cluster.fleet_status("notices").get("pendingNotices") == 0)
+    # Two jobs complete through a batch: two completion notices wait for delivery.
+    ids = await add_jobs(conn, ["127.0.0.1", "127.0.0.2"], duration_minutes=0)
+    await conn.fetchval("select poller_record_samples('{}', '{}', '{}', '{}', '{}', '{}', "
+                        "$1::uuid[])", ids)
+    await cluster.until(lambda: cluster.fleet_status("notices").get("pendingNotices") == 2)
+    assert cluster.fleet_status("notices").get("failedNotices") == 0
+    assert metrics.registry.get_sample_value("soundcheck_operator_notices_pending",
+                                             {"fleet": f"{NS}/notices"}) == 2

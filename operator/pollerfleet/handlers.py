@@ -147,6 +147,7 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
             waited = 0.0
             memo.pop("waiting_since", None)
         metrics.handover_waiting.labels(key).set(waited)
+        new.update(await _notices(key))
         new.update({"runningJobs": state.running_jobs, "staleJobs": state.stale_jobs,
                     "replicasReporting": state.reporting,
                     "topology": "+".join(map(str, topology or ())),
@@ -173,6 +174,20 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
                 "currentReplicas": int(((sts or {}).get("status") or {}).get("replicas",
                                                                             pods))})
     await _write_status(namespace, name, status, new)
+
+
+async def _notices(key: str) -> dict[str, Any]:
+    """The outbox, for the status and metrics; a failed read leaves them as they were (the
+    fleet state was read: the database is there, this is no reason to degrade)."""
+    try:
+        outbox = await load.outbox_state()
+    except StoreError as exc:
+        log.warning("fleet %s: cannot read the notice outbox: %s", key, exc)
+        return {}
+    metrics.notices_pending.labels(key).set(outbox.pending)
+    metrics.notice_oldest_pending.labels(key).set(outbox.oldest_pending_s)
+    metrics.notices_failed.labels(key).set(outbox.failed_24h)
+    return {"pendingNotices": outbox.pending, "failedNotices": outbox.failed_24h}
 
 
 async def _checked_spec(spec: dict[str, Any], namespace: str) -> FleetSpec:

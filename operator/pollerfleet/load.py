@@ -15,6 +15,7 @@ from poller.settings import ConfigError, Settings
 from poller.store import (
     OPERATOR_API_VERSION,
     FleetState,
+    OutboxState,
     Store,
     StoreMisconfigured,
     check_api_version,
@@ -54,6 +55,10 @@ async def publish_topology(fleet: str, counts: tuple[int, ...]) -> int:
 
 async def set_failover(fleet: str, failover_s: int) -> None:
     await (await _opened()).set_failover(fleet, failover_s)
+
+
+async def outbox_state() -> OutboxState:
+    return await (await _opened()).outbox_state()
 
 
 async def close() -> None:

@@ -28,6 +28,15 @@ handover_waiting = Gauge("soundcheck_operator_handover_waiting_seconds",
 replicas_silent = Gauge("soundcheck_operator_replicas_silent",
                         "Pollers silent past the failover timeout (others ping their share)",
                         ["fleet"], registry=registry)
+notices_pending = Gauge("soundcheck_operator_notices_pending",
+                        "Alerts and completion notices waiting for delivery (database-wide)",
+                        ["fleet"], registry=registry)
+notice_oldest_pending = Gauge("soundcheck_operator_notice_oldest_pending_seconds",
+                              "Age of the oldest notice waiting for delivery (0: none)",
+                              ["fleet"], registry=registry)
+notices_failed = Gauge("soundcheck_operator_notices_failed",
+                       "Notices that failed for good in the last 24 hours (database-wide)",
+                       ["fleet"], registry=registry)
 syncs = Counter("soundcheck_operator_syncs", "Fleet syncs that read the fleet state",
                 ["fleet"], registry=registry)
 scale_events = Counter("soundcheck_operator_scale_events", "StatefulSet resizes", ["fleet"],

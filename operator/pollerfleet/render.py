@@ -76,8 +76,31 @@ def poller_env(spec: FleetSpec, fleet: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{SIDECAR_PORT}" if spec.latency_sidecar else spec.latency_api_url
     if url:
         env.append({"name": "LATENCY_API_URL", "value": url})
+    env.extend(notification_env(spec))
     env.extend({"name": k, "value": v} for k, v in sorted(spec.poller_env.items())
                if k != "SHUTDOWN_GRACE_MS")
+    return env
+
+
+def notification_env(spec: FleetSpec) -> list[dict[str, Any]]:
+    """spec.notifications as the poller's NOTIFY_* settings; credentials and the webhook
+    URL (which often holds a token) come from Secrets, never from the spec."""
+    n = spec.notifications
+    env: list[dict[str, Any]] = []
+    if n.app_base_url:
+        env.append({"name": "NOTIFY_APP_BASE_URL", "value": n.app_base_url})
+    if n.email is not None:
+        e = n.email
+        env += [{"name": "NOTIFY_SMTP_HOST", "value": e.host},
+                {"name": "NOTIFY_SMTP_PORT", "value": str(e.port)},
+                {"name": "NOTIFY_SMTP_TLS", "value": e.tls},
+                {"name": "NOTIFY_MAIL_FROM", "value": e.sender}]
+        if e.username is not None and e.password is not None:
+            env += [_secret_env("NOTIFY_SMTP_USERNAME", e.username.secret_name, e.username.key),
+                    _secret_env("NOTIFY_SMTP_PASSWORD", e.password.secret_name, e.password.key)]
+    if n.webhook_url is not None:
+        env.append(_secret_env("NOTIFY_WEBHOOK_URL", n.webhook_url.secret_name,
+                               n.webhook_url.key))
     return env
 
 

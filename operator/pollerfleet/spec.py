@@ -18,7 +18,10 @@ POLLER_ENV = frozenset({
     "PING_BACKEND", "ICMP_SOCKET", "PING_TIMEOUT_MS", "LATENCY_API_ROUTE", "LATENCY_API_GROUP",
     "MAX_BUFFERED_SAMPLES", "RETRY_MAX_BACKOFF_MS", "DB_TIMEOUT_MS", "SHUTDOWN_GRACE_MS",
     "DATABASE_PREPARED_STATEMENTS", "LOG_FORMAT", "LOG_LEVEL", "TARGET_DENY", "SYNC_PAGE_SIZE",
+    "ALERT_SETTLE_S", "NOTIFY_INTERVAL_MS", "NOTIFY_TIMEOUT_MS", "NOTIFY_MAX_ATTEMPTS",
+    "NOTIFY_RETRY_MAX_BACKOFF_MS",
 })
+_SMTP_TLS = ("starttls", "tls", "none")
 
 
 class SpecError(ValueError):
@@ -39,6 +42,32 @@ class DatabaseRef:
 
 
 @dataclass(frozen=True)
+class SecretKey:
+    secret_name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class EmailSpec:
+    host: str
+    sender: str
+    port: int = 587
+    tls: str = "starttls"
+    username: SecretKey | None = None
+    password: SecretKey | None = None
+
+
+@dataclass(frozen=True)
+class Notifications:
+    """spec.notifications: where alerts and completion notices go (README, "Alerts and
+    completion notices"); absent, nothing is sent."""
+
+    app_base_url: str | None = None
+    email: EmailSpec | None = None
+    webhook_url: SecretKey | None = None
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     image: str
     database: DatabaseRef
@@ -56,14 +85,16 @@ class FleetSpec:
     termination_grace_s: int = 30
     stale_window_s: int = 120
     failover_s: int = 15
+    notifications: Notifications = field(default_factory=Notifications)
 
 
-def _int(spec: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+def _int(spec: Mapping[str, Any], key: str, default: int, minimum: int,
+         path: str = "spec") -> int:
     value = spec.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"spec.{key}: must be an integer, got {value!r}")
+        raise SpecError(f"{path}.{key}: must be an integer, got {value!r}")
     if value < minimum:
-        raise SpecError(f"spec.{key}: must be at least {minimum}, got {value}")
+        raise SpecError(f"{path}.{key}: must be at least {minimum}, got {value}")
     return value
 
 
@@ -98,6 +129,7 @@ def parse(spec: Mapping[str, Any]) -> FleetSpec:
         raise SpecError("spec.latencyApiUrl: required unless latencySidecar is true or "
                         "pollerEnv.PING_BACKEND is icmp")
     return FleetSpec(
+        notifications=_notifications(spec.get("notifications")),
         image=image,
         database=ref,
         jobs_per_replica=_int(spec, "jobsPerReplica", 500, 1),
@@ -115,3 +147,62 @@ def parse(spec: Mapping[str, Any]) -> FleetSpec:
         stale_window_s=_int(spec, "staleJobsWindowSeconds", 120, 0),
         failover_s=_int(spec, "failoverTimeoutSeconds", 15, 1),
     )
+
+
+def _str(where: Mapping[str, Any], key: str, path: str, required: bool = False) -> str | None:
+    value = where.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{path}.{key}: {'required' if value is None else 'must be a string'}")
+    return value
+
+
+def _secret_key(where: Mapping[str, Any], name_key: str, key_key: str,
+                path: str) -> SecretKey | None:
+    name = _str(where, name_key, path)
+    key = _str(where, key_key, path)
+    if (name is None) != (key is None):
+        raise SpecError(f"{path}: {name_key} and {key_key} go together")
+    return SecretKey(name, key) if name and key else None
+
+
+def _notifications(raw: Any) -> Notifications:
+    if raw is None:
+        return Notifications()
+    path = "spec.notifications"
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: must be an object")
+    base = _str(raw, "appBaseUrl", path)
+    if base is not None and not base.startswith(("http://", "https://")):
+        raise SpecError(f"{path}.appBaseUrl: must be an http:// or https:// URL")
+    email = None
+    if (mail := raw.get("email")) is not None:
+        if not isinstance(mail, Mapping):
+            raise SpecError(f"{path}.email: must be an object")
+        where = f"{path}.email"
+        host = _str(mail, "host", where, required=True)
+        sender = _str(mail, "from", where, required=True)
+        if sender is None or "@" not in sender:
+            raise SpecError(f"{where}.from: not an email address")
+        tls = mail.get("tls", "starttls")
+        if tls not in _SMTP_TLS:
+            raise SpecError(f"{where}.tls: one of {', '.join(_SMTP_TLS)}, got {tls!r}")
+        port = _int(mail, "port", 587, 1, where)
+        if port > 65535:
+            raise SpecError(f"{where}.port: must be at most 65535, got {port}")
+        user = _secret_key(mail, "secretName", "usernameKey", where)
+        password = _secret_key(mail, "secretName", "passwordKey", where)
+        if (user is None) != (password is None):
+            raise SpecError(f"{where}: usernameKey and passwordKey go together")
+        if password is not None and tls == "none":
+            raise SpecError(f"{where}.tls: none would send the password in clear text")
+        email = EmailSpec(str(host), sender, port, str(tls), user, password)
+    webhook = None
+    if (hook := raw.get("webhook")) is not None:
+        if not isinstance(hook, Mapping):
+            raise SpecError(f"{path}.webhook: must be an object")
+        webhook = _secret_key(hook, "secretName", "urlKey", f"{path}.webhook")
+        if webhook is None:
+            raise SpecError(f"{path}.webhook: secretName and urlKey are required")
+    return Notifications(base, email, webhook)

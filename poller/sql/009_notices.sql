@@ -53,6 +53,9 @@ create unique index if not exists poller_outbox_alert_key
     on poller_outbox (alert_id) where alert_id is not null;
 create index if not exists poller_outbox_due
     on poller_outbox (next_attempt_at) where status = 'pending';
+-- Finished notices by when they finished: the failed count and the clean-up.
+create index if not exists poller_outbox_finished
+    on poller_outbox (next_attempt_at) where status <> 'pending';
 
 -- Evaluate the alert rules for the jobs p_job_ids (the jobs of a batch; p_last_ping their
 -- newest sample times, for last_ping_at), moving each job's cursor by compare-and-set.
@@ -372,13 +375,20 @@ as $$
 $$;
 
 -- Claim up to p_limit due notices for p_lease_s seconds (a claim that lapses, because its
--- holder died, is claimed again). Each comes with what a message needs.
+-- holder died, is claimed again). Each comes with what a message needs. Notices finished
+-- over 7 days ago are removed on the way (a few hundred per call at most).
 create or replace function poller_claim_notices(p_claimer text, p_limit int, p_lease_s int)
 returns jsonb
 language sql
 set search_path = public, pg_temp
 as $$
-    with due as (
+    with old as (
+        delete from poller_outbox
+        where id in (select id from poller_outbox
+                     where status <> 'pending' and next_attempt_at < now() - interval '7 days'
+                     order by next_attempt_at limit 200 for update skip locked)
+    ),
+    due as (
         select id from poller_outbox
         where status = 'pending' and next_attempt_at <= now()
           and (claimed_until is null or claimed_until < now())
@@ -444,6 +454,21 @@ as $$
         returning 1
     )
     select f.status from f
+$$;
+
+-- What the operator reports: notices waiting (and for how long), and those that failed
+-- for good in the last 24 hours. Database-wide: every fleet on the database shares it.
+create or replace function poller_outbox_state()
+returns jsonb
+language sql stable
+set search_path = public, pg_temp
+as $$
+    select jsonb_build_object(
+        'pending', (select count(*) from poller_outbox where status = 'pending'),
+        'oldest_pending_s', coalesce((select extract(epoch from now() - min(created_at))
+                                      from poller_outbox where status = 'pending'), 0),
+        'failed_24h', (select count(*) from poller_outbox
+                       where status = 'failed' and next_attempt_at > now() - interval '1 day'))
 $$;
 
 do $$ begin

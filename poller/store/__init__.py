@@ -23,7 +23,7 @@ from uuid import UUID
 from ..models import Claim, Job, RecordResult, Sample
 
 API_VERSION = 6  # the oldest poller_api_version() this poller works with (alerts, outbox)
-OPERATOR_API_VERSION = 3  # what the operator reads and writes (topology, fleet state)
+OPERATOR_API_VERSION = 6  # what the operator reads and writes (topology, fleet, outbox)
 
 
 class StoreError(Exception):
@@ -86,6 +86,8 @@ class Store(Protocol):
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int: ...
 
     async def set_failover(self, fleet: str, failover_s: int) -> None: ...
+
+    async def outbox_state(self) -> OutboxState: ...
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,20 @@ class FleetState:
                     if int(r["replica_id"]) < size and not r.get("leaving")
                     and float(r["age_s"]) > failover},
         )
+
+
+@dataclass(frozen=True)
+class OutboxState:
+    """Alerts and completion notices waiting for delivery, database-wide."""
+
+    pending: int
+    oldest_pending_s: float
+    failed_24h: int  # failed for good in the last 24 hours
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> OutboxState:
+        return cls(int(out["pending"]), float(out["oldest_pending_s"]),
+                   int(out["failed_24h"]))
 
 
 def job_from_json(row: dict[str, Any]) -> Job:

@@ -24,6 +24,7 @@ from . import (
     FleetState,
     FleetSync,
     JobsPage,
+    OutboxState,
     StoreMisconfigured,
     StoreUnavailable,
     error_for_sqlstate,
@@ -222,6 +223,10 @@ class PostgresStore:
             self._settle_s,
         )
         return RecordResult.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+    async def outbox_state(self) -> OutboxState:
+        raw = await self._call("fetchval", "select poller_outbox_state()")
+        return OutboxState.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim:
         raw = await self._call("fetchval", "select poller_claim_notices($1, $2, $3)",

@@ -32,6 +32,7 @@ from . import (
     FleetState,
     FleetSync,
     JobsPage,
+    OutboxState,
     StoreMisconfigured,
     StoreUnavailable,
     error_for_sqlstate,
@@ -184,6 +185,9 @@ class SupabaseStore:
             "p_settle_s": self._settle_s,
         })
         return RecordResult.from_json(out)
+
+    async def outbox_state(self) -> OutboxState:
+        return OutboxState.from_json(await self._rpc("poller_outbox_state", {}))
 
     async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim:
         return Claim.from_json(await self._rpc("poller_claim_notices", {
