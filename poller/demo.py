@@ -11,6 +11,11 @@ rules, and the table shows each alert that is pending or firing. `--stop-databas
 stops the database S seconds in: the poller keeps pinging and buffering, and the write
 alert goes pending, then fires (its rule waits for 5 minutes without a successful write,
 then 2 more).
+
+The app's alerts and notices work live too: the unreachable target goes offline after 5
+misses (a row in `alerts`), a short job completes after a few seconds, and the poller
+mails both to a local SMTP sink (aiosmtpd, from the `test` extra) that the demo starts;
+the mails are listed as they arrive and printed in full at the end.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import aiohttp
 import asyncpg
 
 from .localpg import LocalPostgres, free_port
 from .migrate import migrate
+
+if TYPE_CHECKING:
+    from .mailsink import SmtpSink
 
 _SEED = """
 insert into jobs (id, account_number, target_ip, target_mac, reason, notification_email,
@@ -43,8 +51,23 @@ select gen_random_uuid(), 'DEMO-' || t.n, t.ip, case when t.ip is null then 'aa:
 from unnest($3::text[], $4::int[]) with ordinality as t(ip, cadence, n)
 """
 
+# A job that ends a few seconds after the demo starts: its completion notice is mailed.
+_SHORT_JOB = """
+insert into jobs (account_number, target_ip, reason, notification_email, requester_id,
+                  requester_name, source, cadence_seconds, duration_minutes, monitoring_mode,
+                  started_at)
+values ('DEMO-SHORT', '127.0.0.3', 'proactive', 'demo@example.com', $1, 'Demo', 'demo', 1, 1,
+        'real_polling', now() - interval '52 seconds')
+"""
+
+_ALERTS = """
+select a.alert_type, coalesce(j.target_ip, j.target_mac) as target, a.triggered_at,
+       a.delivery_status
+from alerts a join jobs j on j.id = a.job_id order by a.triggered_at
+"""
+
 _VIEW = """
-select j.target_ip, j.cadence_seconds, j.status::text,
+select j.target_ip, j.cadence_seconds, j.status::text, j.alert_state::text,
        count(s.id) as samples,
        count(s.id) filter (where s.status = 'success') as ok,
        count(s.id) filter (where s.status = 'missed') as missed,
@@ -60,7 +83,7 @@ group by j.id order by j.account_number
 
 def demo_targets(unreachable: str) -> tuple[list[str | None], list[int]]:
     targets = ["127.0.0.1", "127.0.0.2", "::1", unreachable, "not-an-ip"]
-    cadences = [1, 2, 1, 2, 2]
+    cadences = [1, 2, 1, 1, 2]  # the unreachable one every second: offline after 5 s
     return targets, cadences  # type: ignore[return-value]
 
 
@@ -71,14 +94,15 @@ def render(rows: list[asyncpg.Record], elapsed: float, tty: bool,
            alerts: list[str] | None = None) -> str:
     head = f"Sound Check demo — {elapsed:5.1f}s — Ctrl-C to stop"
     lines = [head, "", f"{'target':<16}{'every':>6}{'samples':>9}{'ok':>5}{'missed':>8}"
-                       f"{'errors':>8}  {'last':<13}{'rtt ms':>8}{'avg ms':>8}"]
+                       f"{'errors':>8}  {'last':<13}{'rtt ms':>8}{'avg ms':>8}  job"]
     for r in rows:
         rtt = "" if r["last_rtt"] is None else f"{r['last_rtt']:.2f}"
         avg = "" if r["avg_rtt"] is None else f"{r['avg_rtt']:.2f}"
+        job = r["status"] + (", OFFLINE" if r["alert_state"] == "offline_alerted" else "")
         lines.append(
             f"{r['target_ip'] or '(none)':<16}{r['cadence_seconds']:>5}s{r['samples']:>9}"
             f"{r['ok']:>5}{r['missed']:>8}{r['errors']:>8}  {r['last_status'] or '—':<13}"
-            f"{rtt:>8}{avg:>8}")
+            f"{rtt:>8}{avg:>8}  {job}")
     if alerts is not None:
         lines += ["", *alerts]
     text = "\n".join(lines)
@@ -160,6 +184,37 @@ async def _alert_lines(url: str) -> list[str]:
     return lines
 
 
+async def _start_mail_sink() -> SmtpSink | None:
+    """A local SMTP sink for the poller's notices; None when aiosmtpd is not installed."""
+    try:
+        from .mailsink import SmtpSink
+    except ImportError:
+        return None
+    sink = SmtpSink(free_port())
+    await sink.start()
+    return sink
+
+
+async def _notice_lines(conn: asyncpg.Connection, sink: SmtpSink | None) -> list[str]:
+    lines = [f"alert {r['alert_type']:<9} {r['target']:<16} at "
+             f"{r['triggered_at']:%H:%M:%S}, delivery {r['delivery_status']}"
+             for r in await conn.fetch(_ALERTS)]
+    if sink is None:
+        return [*lines, "mail: no SMTP sink (install the `test` extra for aiosmtpd)"]
+    lines += [f"mail to {', '.join(to)}: {m['Subject']}"
+              for m, to in zip(sink.messages, sink.recipients, strict=True)]
+    return lines or ["alerts and mails: none yet"]
+
+
+def _mails(sink: SmtpSink | None) -> str:
+    out = []
+    for msg in sink.messages if sink else []:
+        body = msg.get_body(("plain",))
+        out.append(f"--- mail to {msg['To']}: {msg['Subject']}\n"
+                   f"{body.get_content() if body else ''}")
+    return "\n".join(out)
+
+
 async def _stop(proc: asyncio.subprocess.Process | None) -> None:
     if proc is None or proc.returncode is not None:
         return
@@ -196,6 +251,7 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
     tty = sys.stdout.isatty()
     pg: LocalPostgres | None = None
     sidecar = poller = prometheus = None
+    sink: SmtpSink | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -209,6 +265,8 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         targets, cadences = demo_targets(unreachable)
         minutes = max(1, int((duration or 600) // 60) + 1)
         await conn.execute(_SEED, uuid.uuid4(), minutes, targets, cadences)
+        await conn.execute(_SHORT_JOB, uuid.uuid4())
+        sink = await _start_mail_sink()
         print("starting the latency sidecar (ICMP)…", flush=True)
         sidecar_port = free_port()
         sidecar = await _start_sidecar(sidecar_port, side_log)
@@ -216,6 +274,11 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         env = {**os.environ, "DATABASE_URL": pg.dsn, "PORT": str(poller_port),
                "LATENCY_API_URL": f"http://127.0.0.1:{sidecar_port}", "PING_TIMEOUT_MS": "3000",
                "POLL_INTERVAL_MS": "1000", "BATCH_FLUSH_INTERVAL_MS": "500"}
+        if sink is not None:  # alerts and completion notices, mailed to the sink
+            env |= {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(sink.port),
+                    "NOTIFY_SMTP_TLS": "none", "NOTIFY_MAIL_FROM": "Sound Check demo "
+                    "<demo@localhost>", "NOTIFY_APP_BASE_URL": "http://localhost:8080",
+                    "NOTIFY_INTERVAL_MS": "500"}
         for var in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "REPLICA_ID", "REPLICA_COUNT"):
             env.pop(var, None)
         poller = await asyncio.create_subprocess_exec(
@@ -226,6 +289,7 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         started = time.monotonic()
         rows: list[asyncpg.Record] = []
         alerts: list[str] | None = None
+        prom: list[str] = []
         while not stop.is_set():
             elapsed = time.monotonic() - started
             if duration is not None and elapsed >= duration:
@@ -237,9 +301,12 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
                     and not conn.is_closed():
                 conn.terminate()
                 await asyncio.to_thread(pg.stop, "immediate")
+            notices: list[str] = []
             if not conn.is_closed():
                 rows = await conn.fetch(_VIEW)
-            alerts = await _alert_lines(prom_url) if prometheus is not None else None
+                notices = await _notice_lines(conn, sink)
+            prom = await _alert_lines(prom_url) if prometheus is not None else []
+            alerts = [*notices, *prom] or None
             if conn.is_closed():
                 alerts = [f"the database was stopped at {stop_database_after:.0f}s: the "
                           "table is frozen, the poller buffers its samples", *(alerts or [])]
@@ -254,8 +321,13 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
             conn = await asyncpg.connect(pg.dsn)
         await _stop(poller)
         rows = await conn.fetch(_VIEW)
-        sys.stdout.write(render(rows, time.monotonic() - started, False, alerts))
+        final = [*await _notice_lines(conn, sink), *prom]
+        sys.stdout.write(render(rows, time.monotonic() - started, False, final))
+        if mails := _mails(sink):
+            print(mails)
         print(json.dumps({"samples": sum(r["samples"] for r in rows),
+                          "alerts": len(await conn.fetch(_ALERTS)),
+                          "mails": len(sink.messages) if sink else None,
                           "poller_exit_code": poller.returncode}))
         await conn.close()
         return 0 if poller.returncode == 0 else 1
@@ -266,5 +338,7 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         await _stop(prometheus)
         await _stop(poller)
         await _stop(sidecar)
+        if sink is not None:
+            await sink.stop()
         if pg is not None:
             await asyncio.to_thread(pg.destroy)

@@ -32,9 +32,9 @@ def test_demo_runs_and_removes_what_it_made() -> None:
     before = leftovers()
     try:
         proc = subprocess.run(
-            # With Prometheus, long enough for its first scrape (discovery takes ~5 s).
-            [sys.executable, "-m", "poller", "demo",
-             "--duration", "12" if shutil.which("prometheus") else "5",
+            # Long enough for Prometheus' first scrape (discovery takes ~5 s), the offline
+            # alert (5 misses, one a second) and the short job's completion (~8 s in).
+            [sys.executable, "-m", "poller", "demo", "--duration", "15",
              "--unreachable", host.absent_ip],
             capture_output=True, text=True, timeout=120)
     finally:
@@ -42,6 +42,13 @@ def test_demo_runs_and_removes_what_it_made() -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["poller_exit_code"] == 0 and summary["samples"] >= 10
+    # The unreachable target went offline; that alert and the short job's completion were
+    # mailed to the demo's SMTP sink, and printed.
+    assert summary["alerts"] == 1 and summary["mails"] == 2
+    assert f"alert offline   {host.absent_ip}" in proc.stdout
+    assert f"--- mail to demo@example.com: [Sound Check] OFFLINE: {host.absent_ip}" in proc.stdout
+    assert "[Sound Check] PASS: monitoring of 127.0.0.3 (account DEMO-SHORT) complete" in (
+        proc.stdout)
     table = proc.stdout.split("stopping…", 1)[1]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[3:] if line.strip()
             and not line.startswith(("{", "Prometheus", "alert"))}
