@@ -43,6 +43,19 @@ def test_supabase_selects_the_supabase_transport() -> None:
         ({"LATENCY_API_ROUTE": "udp"}, "LATENCY_API_ROUTE", "'latency' or 'ping'"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "'text' or 'json'"),
         ({"PING_TIMEOUT_MS": "5"}, "PING_TIMEOUT_MS", "100"),
+        ({"NOTIFY_SMTP_HOST": "smtp.example.com"}, "NOTIFY_MAIL_FROM", "required"),
+        ({"NOTIFY_SMTP_HOST": "smtp", "NOTIFY_MAIL_FROM": "nobody"}, "NOTIFY_MAIL_FROM",
+         "not an email address"),
+        ({"NOTIFY_SMTP_USERNAME": "u"}, "NOTIFY_SMTP_USERNAME", "NOTIFY_SMTP_PASSWORD"),
+        ({"NOTIFY_SMTP_TLS": "ssl"}, "NOTIFY_SMTP_TLS", "'starttls', 'tls' or 'none'"),
+        ({"NOTIFY_SMTP_TLS": "none", "NOTIFY_SMTP_USERNAME": "u",
+          "NOTIFY_SMTP_PASSWORD": "hunter2"}, "NOTIFY_SMTP_TLS", "clear text"),
+        ({"NOTIFY_SMTP_CA_FILE": "/nonexistent/ca.pem"}, "NOTIFY_SMTP_CA_FILE", "no such"),
+        ({"NOTIFY_WEBHOOK_URL": "hooks.example.com/hunter2"}, "NOTIFY_WEBHOOK_URL",
+         "http://"),
+        ({"NOTIFY_APP_BASE_URL": "soundcheck"}, "NOTIFY_APP_BASE_URL", "http://"),
+        ({"NOTIFY_MAX_ATTEMPTS": "0"}, "NOTIFY_MAX_ATTEMPTS", "greater than or equal to 1"),
+        ({"ALERT_SETTLE_S": "-1"}, "ALERT_SETTLE_S", "greater than or equal to 0"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str, fragment: str) -> None:
@@ -123,3 +136,10 @@ def test_a_bad_database_port_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^DATABASE_URL: the port is not a number") as e:
         Settings.from_env({"DATABASE_URL": url})
     assert "hunter2" not in str(e.value)
+
+
+def test_no_notify_settings_no_channels() -> None:
+    assert Settings.from_env(DB).notify_channels == ()
+    both = Settings.from_env({**DB, "NOTIFY_SMTP_HOST": "smtp", "NOTIFY_MAIL_FROM": "a@b.c",
+                              "NOTIFY_WEBHOOK_URL": "https://hooks.example.com/t"})
+    assert both.notify_channels == ("email", "webhook")

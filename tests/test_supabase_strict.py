@@ -61,7 +61,8 @@ async def test_browser_roles_can_call_and_write_nothing_of_ours(
             assert not await conn.fetchval(
                 "select has_function_privilege($1, $2, 'execute')", role, row["fn"]), \
                 (role, row["fn"])
-    for table in ("soundcheck_migrations", "poller_topology", "poller_heartbeats"):
+    for table in ("soundcheck_migrations", "poller_topology", "poller_heartbeats",
+                  "poller_outbox"):
         assert await conn.fetchval(
             "select relrowsecurity from pg_class where oid = $1::regclass", table)
         for role in ("anon", "authenticated"):
@@ -78,7 +79,12 @@ async def test_browser_roles_can_call_and_write_nothing_of_ours(
                      ("soundcheck_lock_down", {}),
                      ("poller_fleet_state", {"p_fleet": "x"}),
                      ("poller_jobs_page", {"p_replica_id": 0, "p_replica_counts": [1],
-                                           "p_after": None, "p_limit": 10})):
+                                           "p_after": None, "p_limit": 10}),
+                     # the outbox holds every requester's address: not for a browser
+                     ("poller_claim_notices", {"p_claimer": "x", "p_limit": 10,
+                                               "p_lease_s": 60}),
+                     ("soundcheck_job_summary",
+                      {"p_job_id": "11111111-1111-1111-1111-111111111111"})):
         status, body = await _rpc(rest, "anon", fn, args)
         assert status == 401 and body["code"] == "42501", (fn, status, body)
     assert await _rpc(rest, "service_role", "poller_api_version", {}) == (200, API_VERSION)
