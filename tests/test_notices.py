@@ -356,3 +356,56 @@ async def test_a_poller_raises_the_offline_alert_and_mails_the_completion(
                                short) == "completed"
     assert "notices email" in proc.log
     assert SMTP_PASSWORD not in proc.log
+
+
+async def test_a_line_break_in_the_data_cannot_add_a_header(ca: ThrowawayCA,
+                                                            smtp: RefusingSink) -> None:
+    [channel] = make_channels(_settings(notify_env(ca, smtp)))
+    n = _notice("offline")
+    job = NoticeJob(n.job.id, "ACC-1\r\nBcc: victim@example.com", n.job.target,
+                    n.job.notification_email, n.job.requester_name, 10, 60,
+                    n.job.started_at, None)
+    await channel.send(Notice(n.id, "offline", 1, job, triggered_at=n.triggered_at))
+    [msg] = smtp.messages
+    assert msg["Bcc"] is None and smtp.recipients == [["noc@example.com"]]
+    assert msg["Subject"] == ("[Sound Check] OFFLINE: 192.0.2.44 (account ACC-1 Bcc: "
+                              "victim@example.com)")
+
+
+class _Broken:
+    """A channel with a bug: it raises what no channel should."""
+
+    name = "webhook"
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, notice: Notice) -> None:
+        raise ValueError("cannot build the message")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_channel_bug_fails_the_notice_not_the_loop(
+        conn: asyncpg.Connection, dsn: str) -> None:
+    await _completed_jobs(conn, 2)
+    settings = Settings.from_env({"DATABASE_URL": dsn, "NOTIFY_INTERVAL_MS": "100",
+                                  "NOTIFY_MAX_ATTEMPTS": "5"})
+    store = make_store(settings)
+    await store.open()
+    metrics = Metrics()
+    deliverer = Deliverer(store, [_Broken()], settings, metrics)
+    task = asyncio.create_task(deliverer.run())
+    try:
+        async with asyncio.timeout(20):
+            await deliverer.progress.wait_for(
+                lambda: metrics.value("soundcheck_poller_notices_given_up_total") == 2)
+    finally:
+        deliverer.stop()
+        await task
+        await store.close()
+    rows = await _outbox(conn)
+    # It would fail the same way again: no retries.
+    assert [(r["status"], r["attempts"]) for r in rows] == [("failed", 1), ("failed", 1)]
+    assert all("ValueError: cannot build the message" in r["last_error"] for r in rows)

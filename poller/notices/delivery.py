@@ -42,6 +42,7 @@ class Deliverer:
         self.lease_s = int(len(channels) * timeout_s + 30)
         self._stop = asyncio.Event()
         self.progress = Progress()  # notified after every claim and its deliveries
+        self._inflight: asyncio.Future[list[None]] | None = None
 
     def stop(self) -> None:
         """Finish the claim in hand, claim no more."""
@@ -60,6 +61,11 @@ class Deliverer:
                     except TimeoutError:
                         pass
         finally:
+            if self._inflight is not None and not self._inflight.done():
+                # Cancelled mid-claim: let the sends in hand record their outcome (each is
+                # bounded), or a notice a channel took would be sent again.
+                await asyncio.wait({self._inflight},
+                                   timeout=self.settings.notify_timeout_ms / 1000 + 2)
             for channel in self.channels:
                 await channel.close()
 
@@ -72,8 +78,9 @@ class Deliverer:
             log.warning("cannot claim notices: %s", exc)
             return 0
         self.metrics.outbox_pending.set(claim.pending - len(claim.notices))
-        # Shielded: a stop in the middle still records what was sent.
-        await asyncio.shield(asyncio.gather(*(self.deliver(n) for n in claim.notices)))
+        # Shielded: a stop in the middle still records what was sent (run() waits for it).
+        self._inflight = asyncio.gather(*(self.deliver(n) for n in claim.notices))
+        await asyncio.shield(self._inflight)
         self.progress.notify()
         return len(claim.notices)
 
@@ -91,6 +98,14 @@ class Deliverer:
                 self.metrics.notice_failures.labels(channel.name).inc()
                 errors.append(f"{channel.name}: {exc or 'timed out'}")
                 permanent = permanent and getattr(exc, "permanent", False)
+                continue
+            except Exception as exc:
+                # A notice the channel cannot even build (a bug, or data no message can
+                # carry): it would fail the same way again. One notice, not the loop.
+                log.exception("notice %d (%s, job %s): %s cannot send it", notice.id,
+                              notice.kind, notice.job.id, channel.name)
+                self.metrics.notice_failures.labels(channel.name).inc()
+                errors.append(f"{channel.name}: {type(exc).__name__}: {exc}")
                 continue
             done.append(channel.name)
             self.metrics.notices_sent.labels(channel.name).inc()

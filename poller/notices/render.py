@@ -4,6 +4,7 @@ subject, a plain-text and an HTML body, and a webhook payload."""
 from __future__ import annotations
 
 import html
+import re
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -12,6 +13,9 @@ from ..models import Notice
 from .summary import LOSS_LIMIT, P95_LIMIT_MS, verdict
 
 _TITLES = {"offline": "OFFLINE", "recovery": "RECOVERED"}
+# Control characters (a line break in an account number, say) would end a mail header
+# early or be refused by the mail library: a subject has none.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def job_link(base_url: str | None, job_id: UUID) -> str | None:
@@ -22,10 +26,12 @@ def job_link(base_url: str | None, job_id: UUID) -> str | None:
 def subject(n: Notice) -> str:
     target = f"{n.job.target} (account {n.job.account_number})"
     if n.kind in _TITLES:
-        return f"[Sound Check] {_TITLES[n.kind]}: {target}"
-    assert n.summary is not None
-    result = "PASS" if verdict(n.summary).passed else "FAIL"
-    return f"[Sound Check] {result}: monitoring of {target} complete"
+        line = f"[Sound Check] {_TITLES[n.kind]}: {target}"
+    else:
+        assert n.summary is not None
+        result = "PASS" if verdict(n.summary).passed else "FAIL"
+        line = f"[Sound Check] {result}: monitoring of {target} complete"
+    return _CONTROL.sub(" ", line)
 
 
 def _when(t: datetime | None) -> str:
