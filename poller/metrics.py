@@ -89,6 +89,10 @@ class Metrics:
         self.sync_errors = Counter(
             "soundcheck_poller_sync_errors", "Job syncs that failed", registry=r
         )
+        self.full_syncs = Counter(
+            "soundcheck_poller_full_syncs", "Syncs that read every owned job (at start, on "
+            "a topology or live-set change, every SYNC_FULL_INTERVAL_S); the others read "
+            "only what changed", registry=r)
         self.owned_jobs = Gauge(
             "soundcheck_poller_owned_jobs", "Running jobs this replica pings", registry=r
         )

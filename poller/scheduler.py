@@ -96,21 +96,35 @@ class Scheduler:
         return self._jobs
 
     async def update(self, jobs: Iterable[Job]) -> None:
-        """Replace the owned set with the result of a sync.
+        """Replace the owned set with the result of a full sync.
 
         Yields to the event loop every few thousand jobs, so a large sync never holds up
         pings that fall due meanwhile (the heap stays valid between chunks).
         """
-        now = self._clock()
         incoming = {j.id: j for j in jobs}
         for job_id in self._jobs.keys() - incoming.keys():
-            state = self._jobs.pop(job_id)
-            self._departed[job_id] = (state.job, state.next_slot - 1)
-        for i, (job_id, job) in enumerate(incoming.items()):
+            self._remove(job_id)
+        await self._upsert_all(incoming.values())
+
+    async def apply(self, changed: Iterable[Job], gone: Iterable[UUID]) -> None:
+        """Apply what changed since the last sync: jobs new or edited (their current rows)
+        and jobs to stop pinging (cancelled, completed, deleted, no longer real-polling)."""
+        for job_id in gone:
+            if job_id in self._jobs:
+                self._remove(job_id)
+        await self._upsert_all(changed)
+
+    def _remove(self, job_id: UUID) -> None:
+        state = self._jobs.pop(job_id)
+        self._departed[job_id] = (state.job, state.next_slot - 1)
+
+    async def _upsert_all(self, jobs: Iterable[Job]) -> None:
+        now = self._clock()
+        for i, job in enumerate(jobs):
             if i and i % _UPDATE_CHUNK == 0:
                 await asyncio.sleep(0)
                 now = self._clock()
-            state = self._jobs.get(job_id)
+            state = self._jobs.get(job.id)
             if state is not None and _same_slots(state.job, job):
                 if state.job.target_ip != job.target_ip:
                     state.job = job

@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .models import SampleStatus
 from .notices import Channel, make_channels
 from .notices.delivery import Deliverer
+from .partition import owned_buckets
 from .pingers import Pinger
 from .pingers.latency_api import LatencyApiPinger
 from .prober import Prober
@@ -33,6 +34,7 @@ from .settings import Settings
 from .store import (
     API_VERSION,
     Applied,
+    Changes,
     Store,
     StoreError,
     StoreMisconfigured,
@@ -125,6 +127,13 @@ class Service:
         self.metrics.notice_channels.set(len(channels))
         self.replica_counts = [s.replica_count]
         self.applied = Applied()  # the fleet topology the scheduler has taken up
+        # Where the last sync left off: its cursor, the buckets it covered, when the last
+        # full read was (monotonic).
+        self._cursor: int | None = None
+        self._buckets: tuple[int, ...] = ()
+        self._full_at: float | None = None
+        # Without a fleet the buckets never change: REPLICA_ID's share of REPLICA_COUNT.
+        self._static_buckets = tuple(sorted(owned_buckets(s.replica_id, [s.replica_count])))
         self.live: tuple[int, ...] = ()  # the fleet's live replicas, as of the last sync
         self.leaving = False  # stopping in a fleet: others are taking this replica's share
         self.handed_over = asyncio.Event()  # … and have, as far as the database has seen
@@ -205,6 +214,19 @@ class Service:
                  self.metrics.value("soundcheck_poller_samples_written_total"))
         return complete
 
+    async def _take_up(self, changes: Changes, buckets: tuple[int, ...]) -> None:
+        """Apply a sync's changes, or replace the owned set by a full read (its first page
+        came with the sync); the cursor is kept only once all of it is applied."""
+        if changes.full:
+            jobs = await read_jobs(lambda after: self.store.jobs_in_buckets(
+                buckets, after, self.settings.sync_page_size), changes)
+            await self.scheduler.update(jobs)
+            self._full_at = time.monotonic()
+            self.metrics.full_syncs.inc()
+        else:
+            await self.scheduler.apply(changes.jobs, changes.gone)
+        self._cursor, self._buckets = changes.cursor, buckets
+
     async def _hand_over(self, deadline: float) -> None:
         """Say this replica is leaving and keep pinging until every live replica has applied
         a sync made after that (so they ping its share), within half the grace: a graceful
@@ -282,12 +304,17 @@ class Service:
 
     async def sync_once(self) -> None:
         s = self.settings
+        # The cursor of the last sync, unless a full read is due (README, "Incremental sync").
+        cursor = self._cursor
+        if self._full_at is None or time.monotonic() - self._full_at > s.sync_full_interval_s:
+            cursor = None
         if s.fleet_name:
-            # The topology comes with the first page, and this sync is our heartbeat: it
+            # The topology comes with the changes, and this sync is our heartbeat: it
             # reports the topology applied by the previous sync, never the one served now.
             synced = await self.store.fleet_sync(s.fleet_name, s.replica_id, self.applied,
                                                  self.leaving, len(self.scheduler.jobs),
-                                                 __version__, s.sync_page_size)
+                                                 __version__, s.sync_page_size, cursor,
+                                                 self._buckets)
             if list(synced.counts) != self.replica_counts:
                 log.info("topology %s (epoch %d): replica %d now owns its share under it",
                          "+".join(map(str, synced.counts)), synced.epoch, s.replica_id)
@@ -297,18 +324,14 @@ class Service:
                          "the others are shared among them", ",".join(map(str, synced.live))
                          or "none", synced.failover_s)
                 self.live = synced.live
-            buckets = synced.buckets
-            jobs = await read_jobs(
-                lambda after: self.store.jobs_in_buckets(buckets, after, s.sync_page_size),
-                synced.first)
-            await self.scheduler.update(jobs)
+            await self._take_up(synced.changes, synced.buckets)
             self.applied = Applied(synced.epoch, synced.counts, synced.now)
             if self.leaving and synced.taken_over:
                 self.handed_over.set()
         else:
-            jobs = await read_jobs(lambda after: self.store.jobs_page(
-                s.replica_id, self.replica_counts, after, s.sync_page_size))
-            await self.scheduler.update(jobs)
+            changes = await self.store.job_changes(self._static_buckets, cursor,
+                                                   s.sync_page_size)
+            await self._take_up(changes, self._static_buckets)
         if not self.first_sync_done or self.sync_error:
             log.info("synced: %d jobs owned", len(self.scheduler.jobs))
         self.first_sync_done = True

@@ -59,6 +59,9 @@ class Settings(BaseModel):
     batch_size: int = Field(100, ge=1, le=50_000, alias="BATCH_SIZE")
     # Jobs per page of a sync (each page is one call and one JSON value).
     sync_page_size: int = Field(25_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
+    # Syncs read only what changed; a full read of the owned jobs happens at start, when the
+    # topology or live set moves, and at least this often (README, "Incremental sync").
+    sync_full_interval_s: int = Field(3600, ge=10, le=43_200, alias="SYNC_FULL_INTERVAL_S")
     max_buffered_samples: int = Field(200_000, ge=1, alias="MAX_BUFFERED_SAMPLES")
     retry_max_backoff_ms: int = Field(30_000, ge=100, alias="RETRY_MAX_BACKOFF_MS")
 

@@ -194,9 +194,11 @@ async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
         assert await svc.stop()
         await rest.stop()
     calls = Counter(rest.calls)
-    assert set(calls) == {"poller_api_version", "poller_jobs_page", "poller_record_samples"}
+    assert set(calls) == {"poller_api_version", "poller_job_changes", "poller_record_samples"}
     assert calls["poller_api_version"] == 1
-    assert calls["poller_jobs_page"] == count(svc, "syncs")  # 20 jobs: one page per sync
+    # One call per sync: the first a full read (20 jobs, one page), the others the changes.
+    assert calls["poller_job_changes"] == count(svc, "syncs")
+    assert count(svc, "full_syncs") == 1
     assert calls["poller_record_samples"] == count(svc, "flushes")
     written = await conn.fetchval("select count(*) from samples")
     assert written == count(svc, "samples_written") and written >= 60

@@ -7,8 +7,10 @@ the operator what to fix, keep samples) and `StoreDataError` (the database rejec
 data itself, SQLSTATE classes 22 and 23: the same rows would fail again, so the recorder
 sets them aside instead of retrying).
 
-Lists of jobs come in pages (`jobs_page`), each one JSON value: PostgREST cuts every
-result at db-max-rows, set-returning RPCs included, but never a single value.
+Lists of jobs come in pages, each one JSON value: PostgREST cuts every result at
+db-max-rows, set-returning RPCs included, but never a single value. A sync brings only
+what changed since the last one (`Changes`), or, after a restart, a topology change or
+with no cursor, the first page of a full read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from uuid import UUID
 
 from ..models import Claim, Job, RecordResult, Sample
 
-API_VERSION = 6  # the oldest poller_api_version() this poller works with (alerts, outbox)
+API_VERSION = 7  # the oldest poller_api_version() this poller works with (incremental sync)
 OPERATOR_API_VERSION = 6  # what the operator reads and writes (topology, fleet, outbox)
 
 
@@ -62,8 +64,8 @@ class Store(Protocol):
 
     async def api_version(self) -> int: ...
 
-    async def jobs_page(self, replica_id: int, replica_counts: Sequence[int],
-                        after: UUID | None, limit: int) -> JobsPage: ...
+    async def job_changes(self, buckets: Sequence[int], cursor: int | None,
+                          limit: int) -> Changes: ...
 
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
@@ -79,7 +81,8 @@ class Store(Protocol):
                               limit: int) -> JobsPage: ...
 
     async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
-                         owned_jobs: int, version: str, limit: int) -> FleetSync: ...
+                         owned_jobs: int, version: str, limit: int, cursor: int | None,
+                         buckets: Sequence[int]) -> FleetSync: ...
 
     async def fleet_state(self, fleet: str) -> FleetState: ...
 
@@ -102,6 +105,29 @@ class JobsPage:
 
 
 @dataclass(frozen=True)
+class Changes:
+    """What a sync brings for a replica's buckets.
+
+    `full`: the first page of a full read (`jobs`; `next` set when more pages follow, read
+    with `jobs_in_buckets`); the owned set is replaced by the pages. Otherwise the jobs
+    changed since the cursor (their current rows) and those to stop pinging (`gone`).
+    `cursor` goes with the next sync either way."""
+
+    full: bool
+    cursor: int
+    jobs: list[Job]
+    gone: list[UUID] = field(default_factory=list)
+    next: UUID | None = None
+
+    @classmethod
+    def from_json(cls, out: dict[str, Any]) -> Changes:
+        return cls(bool(out["full"]), int(out["cursor"]),
+                   [job_from_json(row) for row in out["jobs"]],
+                   [UUID(x) for x in out.get("gone") or ()],
+                   UUID(out["next"]) if out.get("next") else None)
+
+
+@dataclass(frozen=True)
 class Applied:
     """What a poller has taken up from its last fleet sync (epoch 0: nothing yet): its
     heartbeat reports it, so the operator and leaving replicas know what others apply."""
@@ -114,8 +140,8 @@ class Applied:
 @dataclass(frozen=True)
 class FleetSync:
     """One sync in a fleet: the topology, the live replicas, the buckets this replica pings
-    with them, the first page of its jobs, and for a leaving replica whether its share has
-    been taken over."""
+    with them, what changed in those buckets (or the first page of a full read), and for a
+    leaving replica whether its share has been taken over."""
 
     counts: tuple[int, ...]
     epoch: int
@@ -124,26 +150,28 @@ class FleetSync:
     failover_s: int
     now: datetime
     taken_over: bool
-    first: JobsPage
+    changes: Changes
 
     @classmethod
     def from_json(cls, out: dict[str, Any]) -> FleetSync:
         return cls(tuple(int(n) for n in out["counts"]), int(out["epoch"]),
                    tuple(int(r) for r in out["live"]), tuple(int(b) for b in out["buckets"]),
                    int(out["failover_s"]), datetime.fromisoformat(out["now"]),
-                   bool(out["taken_over"]), JobsPage.from_json(out))
+                   bool(out["taken_over"]), Changes.from_json(out))
 
 
 PageFetch = Callable[[UUID | None], Awaitable[JobsPage]]
 
 
-async def read_jobs(fetch: PageFetch, first: JobsPage | None = None) -> list[Job]:
-    """Every job of a sync, page after page in id order (one call per page)."""
-    page = first or await fetch(None)
-    jobs = list(page.jobs)
-    while page.next is not None:
-        page = await fetch(page.next)
+async def read_jobs(fetch: PageFetch, first: JobsPage | Changes) -> list[Job]:
+    """Every job of a full read, from its first page on, page after page in id order (one
+    call per page)."""
+    jobs = list(first.jobs)
+    after = first.next
+    while after is not None:
+        page = await fetch(after)
         jobs.extend(page.jobs)
+        after = page.next
     return jobs
 
 

@@ -21,6 +21,7 @@ from ..models import Claim, Job, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
     Applied,
+    Changes,
     FleetState,
     FleetSync,
     JobsPage,
@@ -41,37 +42,52 @@ _JOB_COLUMNS = ("x(id uuid, target_ip text, cadence_seconds int, duration_minute
                 "started_at timestamptz, last_ping_at timestamptz)")
 # MATERIALIZED: the function runs once, not once per output row (a subquery in FROM would
 # be pulled up and its stable function evaluated for every job of the page).
-_PAGE_SQL = (
-    "with p as materialized ("
-    "select poller_jobs_page($1::int, $2::int[], $3::uuid, $4::int) as page) "
-    "select x.*, p.page->>'next' as next "
-    f"from p cross join jsonb_to_recordset(p.page->'jobs') as {_JOB_COLUMNS}"
-)
 _BUCKETS_SQL = (
     "with p as materialized ("
     "select poller_jobs_in_buckets($1::int[], $2::uuid, $3::int) as page) "
     "select x.*, p.page->>'next' as next "
     f"from p cross join jsonb_to_recordset(p.page->'jobs') as {_JOB_COLUMNS}"
 )
+# What changed (or a full read's first page) with the columns of Changes beside each row.
+_CHANGES_COLUMNS = (
+    "(c.s->>'full')::bool as full, (c.s->>'cursor')::bigint as cursor, "
+    "array(select jsonb_array_elements_text(c.s->'gone'))::uuid[] as gone, "
+    "c.s->>'next' as next"
+)
+_CHANGES_SQL = (
+    "with c as materialized (select poller_job_changes($1::int[], $2::xid8, $3::int) as s) "
+    f"select x.*, {_CHANGES_COLUMNS} "
+    f"from c left join lateral jsonb_to_recordset(c.s->'jobs') as {_JOB_COLUMNS} on true"
+)
 _FLEET_SQL = (
-    "with f as materialized ("
-    "select poller_fleet_sync_live($1, $2, $3, $4::int[], $5, $6, $7, $8, $9) as s) "
-    "select x.*, f.s->>'next' as next, "
-    "array(select jsonb_array_elements_text(f.s->'counts'))::int[] as counts, "
-    "array(select jsonb_array_elements_text(f.s->'live'))::int[] as live, "
-    "array(select jsonb_array_elements_text(f.s->'buckets'))::int[] as buckets, "
-    "(f.s->>'epoch')::bigint as epoch, (f.s->>'failover_s')::int as failover_s, "
-    "(f.s->>'now')::timestamptz as now, (f.s->>'taken_over')::bool as taken_over "
-    f"from f left join lateral jsonb_to_recordset(f.s->'jobs') as {_JOB_COLUMNS} on true"
+    "with c as materialized ("
+    "select poller_fleet_sync_delta($1, $2, $3, $4::int[], $5, $6, $7, $8, $9, $10::xid8, "
+    "$11::int[]) as s) "
+    f"select x.*, {_CHANGES_COLUMNS}, "
+    "array(select jsonb_array_elements_text(c.s->'counts'))::int[] as counts, "
+    "array(select jsonb_array_elements_text(c.s->'live'))::int[] as live, "
+    "array(select jsonb_array_elements_text(c.s->'buckets'))::int[] as buckets, "
+    "(c.s->>'epoch')::bigint as epoch, (c.s->>'failover_s')::int as failover_s, "
+    "(c.s->>'now')::timestamptz as now, (c.s->>'taken_over')::bool as taken_over "
+    f"from c left join lateral jsonb_to_recordset(c.s->'jobs') as {_JOB_COLUMNS} on true"
 )
 
 
-def _page(rows: list[asyncpg.Record]) -> JobsPage:
-    """Rows of a page (a fleet sync with no job has one row of nulls) → JobsPage."""
-    jobs = [Job(r["id"], r["target_ip"], r["cadence_seconds"], r["duration_minutes"],
+def _jobs(rows: list[asyncpg.Record]) -> list[Job]:
+    """The job rows of a result (one with no job has one row of nulls)."""
+    return [Job(r["id"], r["target_ip"], r["cadence_seconds"], r["duration_minutes"],
                 r["started_at"], r["last_ping_at"]) for r in rows if r["id"] is not None]
+
+
+def _changes(rows: list[asyncpg.Record]) -> Changes:
+    head = rows[0]
+    return Changes(head["full"], head["cursor"], _jobs(rows), list(head["gone"]),
+                   UUID(head["next"]) if head["next"] else None)
+
+
+def _page(rows: list[asyncpg.Record]) -> JobsPage:
     nxt = rows[-1]["next"] if rows else None
-    return JobsPage(jobs, UUID(nxt) if nxt else None)
+    return JobsPage(_jobs(rows), UUID(nxt) if nxt else None)
 
 
 # SQLSTATE classes that mean "fix the setup", not "try again later".
@@ -176,11 +192,10 @@ class PostgresStore:
     async def api_version(self) -> int:
         return int(await self._call("fetchval", "select poller_api_version()"))  # type: ignore[arg-type]
 
-    async def jobs_page(self, replica_id: int, replica_counts: Sequence[int],
-                        after: UUID | None, limit: int) -> JobsPage:
-        rows = await self._call("fetch", _PAGE_SQL, replica_id, list(replica_counts), after,
-                                limit)
-        return _page(rows)  # type: ignore[arg-type]
+    async def job_changes(self, buckets: Sequence[int], cursor: int | None,
+                          limit: int) -> Changes:
+        rows = await self._call("fetch", _CHANGES_SQL, list(buckets), cursor, limit)
+        return _changes(rows)  # type: ignore[arg-type]
 
     async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
                               limit: int) -> JobsPage:
@@ -188,13 +203,14 @@ class PostgresStore:
         return _page(rows)  # type: ignore[arg-type]
 
     async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
-                         owned_jobs: int, version: str, limit: int) -> FleetSync:
+                         owned_jobs: int, version: str, limit: int, cursor: int | None,
+                         buckets: Sequence[int]) -> FleetSync:
         rows = await self._call("fetch", _FLEET_SQL, fleet, replica_id, applied.epoch,
                                 list(applied.counts), applied.at, leaving, owned_jobs,
-                                version, limit)
+                                version, limit, cursor, list(buckets))
         s = rows[0]  # type: ignore[index]
         return FleetSync(tuple(s["counts"]), s["epoch"], tuple(s["live"]), tuple(s["buckets"]),
-                         s["failover_s"], s["now"], s["taken_over"], _page(rows))  # type: ignore[arg-type]
+                         s["failover_s"], s["now"], s["taken_over"], _changes(rows))  # type: ignore[arg-type]
 
     async def fleet_state(self, fleet: str) -> FleetState:
         raw = await self._call("fetchval", "select poller_fleet_state($1)", fleet)

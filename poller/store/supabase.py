@@ -29,6 +29,7 @@ from ..models import Claim, RecordResult, Sample
 from . import (
     MIGRATE_HINT,
     Applied,
+    Changes,
     FleetState,
     FleetSync,
     JobsPage,
@@ -37,6 +38,11 @@ from . import (
     StoreUnavailable,
     error_for_sqlstate,
 )
+
+
+def _xid(cursor: int | None) -> str | None:
+    """A cursor (a transaction id, xid8) as PostgREST passes it on: text."""
+    return None if cursor is None else str(cursor)
 
 
 class _HttpError(Exception):
@@ -138,11 +144,10 @@ class SupabaseStore:
     async def api_version(self) -> int:
         return int(await self._rpc("poller_api_version", {}))
 
-    async def jobs_page(self, replica_id: int, replica_counts: Sequence[int],
-                        after: UUID | None, limit: int) -> JobsPage:
-        return JobsPage.from_json(await self._rpc("poller_jobs_page", {
-            "p_replica_id": replica_id, "p_replica_counts": list(replica_counts),
-            "p_after": str(after) if after else None, "p_limit": limit}))
+    async def job_changes(self, buckets: Sequence[int], cursor: int | None,
+                          limit: int) -> Changes:
+        return Changes.from_json(await self._rpc("poller_job_changes", {
+            "p_buckets": list(buckets), "p_cursor": _xid(cursor), "p_limit": limit}))
 
     async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
                               limit: int) -> JobsPage:
@@ -151,13 +156,14 @@ class SupabaseStore:
             "p_limit": limit}))
 
     async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
-                         owned_jobs: int, version: str, limit: int) -> FleetSync:
-        return FleetSync.from_json(await self._rpc("poller_fleet_sync_live", {
+                         owned_jobs: int, version: str, limit: int, cursor: int | None,
+                         buckets: Sequence[int]) -> FleetSync:
+        return FleetSync.from_json(await self._rpc("poller_fleet_sync_delta", {
             "p_fleet": fleet, "p_replica_id": replica_id, "p_applied_epoch": applied.epoch,
             "p_applied_counts": list(applied.counts),
             "p_applied_at": applied.at.isoformat() if applied.at else None,
             "p_leaving": leaving, "p_owned_jobs": owned_jobs, "p_version": version,
-            "p_limit": limit}))
+            "p_limit": limit, "p_cursor": _xid(cursor), "p_buckets": list(buckets)}))
 
     async def fleet_state(self, fleet: str) -> FleetState:
         return FleetState.from_json(await self._rpc("poller_fleet_state", {"p_fleet": fleet}))
