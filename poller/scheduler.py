@@ -24,7 +24,7 @@ import asyncio
 import heapq
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -33,7 +33,8 @@ from .targets import TargetPolicy
 
 _MAX_IDLE_S = 1.0  # wake at least this often, so /health sees the loop turning
 _YIELD_EVERY = 500  # dispatches between yields to the event loop in a burst
-_UPDATE_CHUNK = 2000  # jobs per step of a sync's update
+_UPDATE_CHUNK = 200  # jobs per step of a sync's update (a few ms: a ping waits no longer)
+_SCAN_CHUNK = 20_000  # owned or departed jobs checked per step at the end of a full read
 
 
 @dataclass(slots=True)
@@ -96,15 +97,27 @@ class Scheduler:
         return self._jobs
 
     async def update(self, jobs: Iterable[Job]) -> None:
-        """Replace the owned set with the result of a full sync.
+        """Replace the owned set with these jobs (a full read in one piece)."""
+        await self.replace(_one(list(jobs)))
 
-        Yields to the event loop every few thousand jobs, so a large sync never holds up
+    async def replace(self, pages: AsyncIterator[list[Job]]) -> None:
+        """Replace the owned set with the pages of a full read, taking each up as it
+        arrives; jobs no page held are dropped at the end.
+
+        Yields to the event loop every few thousand jobs, so a large read never holds up
         pings that fall due meanwhile (the heap stays valid between chunks).
         """
-        incoming = {j.id: j for j in jobs}
-        for job_id in self._jobs.keys() - incoming.keys():
-            self._remove(job_id)
-        await self._upsert_all(incoming.values())
+        seen: set[UUID] = set()
+        async for page in pages:
+            seen.update(job.id for job in page)
+            await self._upsert_all(page)
+        owned = list(self._jobs)
+        for i in range(0, len(owned), _SCAN_CHUNK):
+            for job_id in owned[i:i + _SCAN_CHUNK]:
+                if job_id not in seen and job_id in self._jobs:
+                    self._remove(job_id)
+            await asyncio.sleep(0)
+        await self._forget_departed()
 
     async def apply(self, changed: Iterable[Job], gone: Iterable[UUID]) -> None:
         """Apply what changed since the last sync: jobs new or edited (their current rows)
@@ -113,10 +126,21 @@ class Scheduler:
             if job_id in self._jobs:
                 self._remove(job_id)
         await self._upsert_all(changed)
+        await self._forget_departed()
 
     def _remove(self, job_id: UUID) -> None:
         state = self._jobs.pop(job_id)
         self._departed[job_id] = (state.job, state.next_slot - 1)
+
+    async def _forget_departed(self) -> None:
+        """Drop the record of departed jobs that have ended (they cannot come back)."""
+        now = self._clock()
+        departed = list(self._departed.items())
+        for i in range(0, len(departed), _SCAN_CHUNK):
+            for job_id, (job, _) in departed[i:i + _SCAN_CHUNK]:
+                if job.ends_at.timestamp() < now:
+                    del self._departed[job_id]
+            await asyncio.sleep(0)
 
     async def _upsert_all(self, jobs: Iterable[Job]) -> None:
         now = self._clock()
@@ -135,9 +159,6 @@ class Scheduler:
                     self._push(now, state, -1)
                 continue
             self._add(job, now, state)
-        for job_id, (job, _) in list(self._departed.items()):
-            if job.ends_at.timestamp() < now:
-                del self._departed[job_id]
         self._wake()
 
     def _add(self, job: Job, now: float, state: JobState | None) -> None:
@@ -227,6 +248,10 @@ class Scheduler:
     def _wake(self) -> None:
         if self._waiter is not None:
             _resolve(self._waiter)
+
+
+async def _one(jobs: list[Job]) -> AsyncIterator[list[Job]]:
+    yield jobs
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

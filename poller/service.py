@@ -39,8 +39,8 @@ from .store import (
     StoreError,
     StoreMisconfigured,
     check_api_version,
+    pages,
     raise_if_cancelling,
-    read_jobs,
 )
 from .targets import TargetPolicy, parse_networks
 
@@ -214,13 +214,22 @@ class Service:
                  self.metrics.value("soundcheck_poller_samples_written_total"))
         return complete
 
+    @property
+    def sync_position(self) -> tuple[tuple[int, ...], int | None]:
+        """The buckets and the cursor the next sync starts from."""
+        return self._buckets, self._cursor
+
+    def resync(self) -> None:
+        """Make the next sync a full read."""
+        self._full_at = None
+
     async def _take_up(self, changes: Changes, buckets: tuple[int, ...]) -> None:
         """Apply a sync's changes, or replace the owned set by a full read (its first page
         came with the sync); the cursor is kept only once all of it is applied."""
         if changes.full:
-            jobs = await read_jobs(lambda after: self.store.jobs_in_buckets(
-                buckets, after, self.settings.sync_page_size), changes)
-            await self.scheduler.update(jobs)
+            # Taken up page by page as they arrive: pings go on meanwhile.
+            await self.scheduler.replace(pages(lambda after: self.store.jobs_in_buckets(
+                buckets, after, self.settings.sync_page_size), changes))
             self._full_at = time.monotonic()
             self.metrics.full_syncs.inc()
         else:

@@ -57,8 +57,9 @@ class Settings(BaseModel):
     poll_interval_ms: int = Field(5_000, ge=100, alias="POLL_INTERVAL_MS")
     batch_flush_interval_ms: int = Field(2_000, ge=10, alias="BATCH_FLUSH_INTERVAL_MS")
     batch_size: int = Field(100, ge=1, le=50_000, alias="BATCH_SIZE")
-    # Jobs per page of a sync (each page is one call and one JSON value).
-    sync_page_size: int = Field(25_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
+    # Jobs per page of a full read, and the most changes one sync takes up (each page is
+    # one call and one JSON value). Smaller pages keep the event loop's stalls short.
+    sync_page_size: int = Field(5_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
     # Syncs read only what changed; a full read of the owned jobs happens at start, when the
     # topology or live set moves, and at least this often (README, "Incremental sync").
     sync_full_interval_s: int = Field(3600, ge=10, le=43_200, alias="SYNC_FULL_INTERVAL_S")

@@ -16,7 +16,7 @@ with no cursor, the first page of a full read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -163,16 +163,15 @@ class FleetSync:
 PageFetch = Callable[[UUID | None], Awaitable[JobsPage]]
 
 
-async def read_jobs(fetch: PageFetch, first: JobsPage | Changes) -> list[Job]:
-    """Every job of a full read, from its first page on, page after page in id order (one
-    call per page)."""
-    jobs = list(first.jobs)
+async def pages(fetch: PageFetch, first: JobsPage | Changes) -> AsyncIterator[list[Job]]:
+    """The pages of a full read, from its first page on, in id order (one call per page),
+    as they arrive."""
+    yield list(first.jobs)
     after = first.next
     while after is not None:
         page = await fetch(after)
-        jobs.extend(page.jobs)
+        yield page.jobs
         after = page.next
-    return jobs
 
 
 @dataclass(frozen=True)
