@@ -259,3 +259,33 @@ def test_the_verdict(success: int, missed: int, system_error: int, p95: float | 
     v = verdict(JobSummary(total, success, missed, system_error, None, None, p95, 0, 0))
     assert v.passed is passed
     assert (v.warning is not None) is warned
+
+
+async def test_a_job_from_before_the_upgrade_is_evaluated_from_its_next_batch(
+        conn: asyncpg.Connection) -> None:
+    # Running at the upgrade, with history (an offline run long over): a null cursor.
+    started = datetime.now(UTC) - timedelta(seconds=2)
+    old, quiet = await _job(conn, started), await _job(conn, started)
+    history = ["missed"] * 6 + ["success"] * 4
+    for job in (old, quiet):
+        await conn.execute(
+            "insert into samples (job_id, sequence_number, status, recorded_at) "
+            "select $1, k, s::sample_status, $2::timestamptz + k * interval '1 second' "
+            "from unnest($3::text[]) with ordinality as u(s, k)", job, started, history)
+    await conn.execute("update jobs set poller_alert_seq = null where id = any($1::uuid[])",
+                       [old, quiet])
+    statuses = [*history, None, "success", *["missed"] * 5]  # slot 10: written before too
+    await _write(conn, old, started, statuses, range(11, 17))
+    # The history raised nothing; the run that started after the upgrade did.
+    assert await _alerts(conn, old, started) == [("offline", 16)]
+    # A job completed with no batch since the upgrade: its history stays unevaluated.
+    await _complete(conn, quiet, started, history)
+    assert await _alerts(conn, quiet, started) == []
+    assert await conn.fetchval("select alert_state::text from jobs where id = $1",
+                               quiet) == "ok"
+
+
+async def test_new_jobs_start_with_the_cursor_before_slot_zero(
+        conn: asyncpg.Connection) -> None:
+    [job] = await add_jobs(conn, ["192.0.2.9"])
+    assert await conn.fetchval("select poller_alert_seq from jobs where id = $1", job) == -1

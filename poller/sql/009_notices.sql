@@ -18,9 +18,14 @@
 -- Every alert and every completed job also gets a row in poller_outbox, which any replica
 -- with a delivery channel claims (FOR UPDATE SKIP LOCKED) and delivers.
 --
+-- Jobs created from here on start with the cursor at -1 (evaluated from slot 0). Jobs that
+-- were already running keep a null cursor and are evaluated from the first batch written
+-- after the upgrade: their history raises no alert for runs long over.
+--
 -- Additive: two nullable columns on jobs (added only where missing: ALTER TABLE takes an
--- ACCESS EXCLUSIVE lock even when the column exists), new tables and functions;
--- poller_record_batch stays for pollers of earlier releases (they raise no alerts).
+-- ACCESS EXCLUSIVE lock even when the column exists; the default applies to new rows only,
+-- no row is rewritten), new tables and functions; poller_record_batch stays for pollers of
+-- earlier releases (they raise no alerts).
 set local lock_timeout = '5s';
 
 do $$ begin
@@ -28,6 +33,7 @@ do $$ begin
                    where attrelid = 'jobs'::regclass and attname = 'poller_alert_seq'
                      and not attisdropped) then
         alter table jobs add column poller_alert_seq int, add column poller_alert_run smallint;
+        alter table jobs alter column poller_alert_seq set default -1;
     end if;
 end $$;
 
@@ -83,7 +89,8 @@ as $$
                                / j.cadence_seconds)::int
                end as expired
         from b join jobs j on j.id = b.job_id
-        where j.cadence_seconds >= 1
+        -- (a null cursor: a job from before the upgrade that no batch has reached yet)
+        where j.cadence_seconds >= 1 and j.poller_alert_seq is not null
     ),
     s as (  -- the samples past the cursor; settled: no hole before them but gaps
         select c.id, x.sequence_number as seq, x.status, x.recorded_at,
@@ -236,10 +243,12 @@ begin
     x as (
         select blk.job_id, blk.ts, j.poller_alert_seq as seq0,
                coalesce(j.poller_alert_run, 0)::int as run0, j.alert_state as state0,
-               j.alert_on_offline, j.alert_on_recovery, blk.n, blk.hi,
+               j.alert_on_offline, j.alert_on_recovery, blk.n, blk.lo, blk.hi,
                (blk.ns + blk.nm)::int as cnt,
                case when blk.ns > 0 then 1 when blk.nm > 0 then -1 else 0 end as kind,
-               blk.hi - blk.lo + 1 = blk.n and blk.lo = coalesce(j.poller_alert_seq, -1) + 1
+               -- a null cursor starts at this batch (README, "Gaps")
+               blk.hi - blk.lo + 1 = blk.n
+               and blk.lo = coalesce(j.poller_alert_seq, blk.lo - 1) + 1
                and (blk.ns = 0 or blk.nm = 0) as fast
         from blk join jobs j on j.id = blk.job_id
     ),
@@ -259,7 +268,11 @@ begin
             poller_alert_seq = case when y.fast and (j.poller_alert_seq,
                                         coalesce(j.poller_alert_run, 0), j.alert_state)
                                         is not distinct from (y.seq0, y.run0, y.state0)
-                                    then y.hi else j.poller_alert_seq end,
+                                    then y.hi
+                                    -- from before the upgrade: the evaluation below starts
+                                    -- at this batch
+                                    when j.poller_alert_seq is null then y.lo - 1
+                                    else j.poller_alert_seq end,
             poller_alert_run = case when y.fast and (j.poller_alert_seq,
                                         coalesce(j.poller_alert_run, 0), j.alert_state)
                                         is not distinct from (y.seq0, y.run0, y.state0)
