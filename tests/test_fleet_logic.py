@@ -239,3 +239,11 @@ def test_render_notifications_from_secrets_and_the_poller_accepts_them() -> None
 def test_no_notifications_no_notify_settings() -> None:
     env = _env(render.pod_template("f", "ns", spec()))
     assert not [name for name in env if name.startswith("NOTIFY_")]
+
+
+def test_every_secret_the_pods_read_is_listed_with_its_keys() -> None:
+    assert spec().secret_refs() == [("spec.database", "db", ["url"])]
+    assert spec(notifications=NOTIFY).secret_refs() == [
+        ("spec.database", "db", ["url"]),
+        ("spec.notifications.email", "mail", ["user", "pass"]),
+        ("spec.notifications.webhook", "hook", ["url"])]

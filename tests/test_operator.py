@@ -168,6 +168,12 @@ def _run_in_operator_loop_close(load: Any) -> None:
      "Secret 'missing' not found"),
     ({"database": {"secretName": "soundcheck-db", "databaseUrlKey": "nope"}},
      "has no key nope"),
+    ({"notifications": {"webhook": {"secretName": "missing", "urlKey": "url"}}},
+     "spec.notifications.webhook.secretName: Secret 'missing' not found"),
+    ({"notifications": {"email": {"host": "smtp", "from": "a@example.com",
+                                  "secretName": "soundcheck-db", "usernameKey": "u",
+                                  "passwordKey": "p"}}},
+     "spec.notifications.email: Secret 'soundcheck-db' has no key p, u"),
 ])
 async def test_invalid_spec_gives_a_condition_and_one_event(
         cluster: Cluster, spec: dict[str, Any], message: str) -> None:

@@ -191,16 +191,17 @@ async def _notices(key: str) -> dict[str, Any]:
 
 
 async def _checked_spec(spec: dict[str, Any], namespace: str) -> FleetSpec:
-    """The parsed spec, once the Secret it names is known to hold its keys."""
+    """The parsed spec, once the Secrets it names are known to hold its keys (a pod whose
+    Secret or key is missing would never start)."""
     fleet = parse(spec)
-    keys = await asyncio.to_thread(kube.secret_keys, namespace, fleet.database.secret_name)
-    if keys is None:
-        raise SpecError(f"spec.database.secretName: Secret {fleet.database.secret_name!r} "
-                        f"not found in namespace {namespace!r}")
-    missing = sorted(set(fleet.database.keys) - keys)
-    if missing:
-        raise SpecError(f"spec.database: Secret {fleet.database.secret_name!r} has no "
-                        f"key {', '.join(missing)}")
+    for path, secret, wanted in fleet.secret_refs():
+        keys = await asyncio.to_thread(kube.secret_keys, namespace, secret)
+        if keys is None:
+            raise SpecError(f"{path}.secretName: Secret {secret!r} not found in namespace "
+                            f"{namespace!r}")
+        missing = sorted(set(wanted) - keys)
+        if missing:
+            raise SpecError(f"{path}: Secret {secret!r} has no key {', '.join(missing)}")
     return fleet
 
 

@@ -19,7 +19,7 @@ POLLER_ENV = frozenset({
     "MAX_BUFFERED_SAMPLES", "RETRY_MAX_BACKOFF_MS", "DB_TIMEOUT_MS", "SHUTDOWN_GRACE_MS",
     "DATABASE_PREPARED_STATEMENTS", "LOG_FORMAT", "LOG_LEVEL", "TARGET_DENY", "SYNC_PAGE_SIZE",
     "ALERT_SETTLE_S", "NOTIFY_INTERVAL_MS", "NOTIFY_TIMEOUT_MS", "NOTIFY_MAX_ATTEMPTS",
-    "NOTIFY_RETRY_MAX_BACKOFF_MS",
+    "NOTIFY_RETRY_MAX_BACKOFF_MS", "SYNC_FULL_INTERVAL_S",
 })
 _SMTP_TLS = ("starttls", "tls", "none")
 
@@ -86,6 +86,18 @@ class FleetSpec:
     stale_window_s: int = 120
     failover_s: int = 15
     notifications: Notifications = field(default_factory=Notifications)
+
+    def secret_refs(self) -> list[tuple[str, str, list[str]]]:
+        """(spec path, Secret name, keys it must hold) for every Secret the pods read."""
+        refs: dict[tuple[str, str], list[str]] = {
+            ("spec.database", self.database.secret_name): list(self.database.keys)}
+        n = self.notifications
+        for path, ref in (("spec.notifications.email", n.email.username if n.email else None),
+                          ("spec.notifications.email", n.email.password if n.email else None),
+                          ("spec.notifications.webhook", n.webhook_url)):
+            if ref is not None:
+                refs.setdefault((path, ref.secret_name), []).append(ref.key)
+        return [(path, secret, keys) for (path, secret), keys in refs.items()]
 
 
 def _int(spec: Mapping[str, Any], key: str, default: int, minimum: int,
