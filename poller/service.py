@@ -132,8 +132,10 @@ class Service:
         self._cursor: int | None = None
         self._buckets: tuple[int, ...] = ()
         self._full_at: float | None = None
-        # Without a fleet the buckets never change: REPLICA_ID's share of REPLICA_COUNT.
-        self._static_buckets = tuple(sorted(owned_buckets(s.replica_id, [s.replica_count])))
+        # Without a fleet the buckets never change: REPLICA_ID's share of REPLICA_COUNT (in a
+        # fleet each sync brings them).
+        self._static_buckets = () if s.fleet_name else tuple(
+            sorted(owned_buckets(s.replica_id, [s.replica_count])))
         self.live: tuple[int, ...] = ()  # the fleet's live replicas, as of the last sync
         self.leaving = False  # stopping in a fleet: others are taking this replica's share
         self.handed_over = asyncio.Event()  # … and have, as far as the database has seen

@@ -82,6 +82,16 @@ async def dsn(pg_server: LocalPostgres) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def own_pg() -> AsyncIterator[LocalPostgres]:
+    """A server of the test's own, which it may stop and start."""
+    pg = LocalPostgres()
+    await asyncio.to_thread(pg.start)
+    await migrate_like_supabase(pg.dsn)
+    yield pg
+    await asyncio.to_thread(pg.destroy)
+
+
+@pytest.fixture
 async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     c = await asyncpg.connect(dsn)
     try:

@@ -23,11 +23,9 @@ from poller.models import JobSummary
 from poller.notices.summary import verdict
 from tests.conftest import TEMPLATE
 from tests.support.alert_model import Statuses, summary, transitions
-from tests.support.db import add_jobs
+from tests.support.db import RECORD_SAMPLES, add_jobs
 
 STATUS = st.sampled_from(["success", "missed", "system_error", None])
-_RECORD = ("select poller_record_samples($1::uuid[], $2::int[], $3::text[], $4::float8[], "
-           "$5::float8[], $6::timestamptz[], $7::uuid[], $8)")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,7 @@ async def _write(conn: asyncpg.Connection, job: UUID, started: datetime, statuse
     for attempt in range(20):  # what the recorder does on a deadlock: write the batch again
         try:
             raw = await conn.fetchval(
-                _RECORD, [job] * len(seqs), seqs, [statuses[k] for k in seqs],
+                RECORD_SAMPLES, [job] * len(seqs), seqs, [statuses[k] for k in seqs],
                 [1.0 if statuses[k] == "success" else None for k in seqs], [None] * len(seqs),
                 [started + timedelta(seconds=k) for k in seqs], [job] if complete else [],
                 settle_s)
@@ -226,7 +224,7 @@ def test_the_summary_counts_as_the_app_does(alerts_dsn: str,
             job = await _job(conn, started)
             seqs = [k for k, s in enumerate(statuses) if s is not None]
             await conn.fetchval(
-                _RECORD, [job] * len(seqs), seqs, [statuses[k] for k in seqs],
+                RECORD_SAMPLES, [job] * len(seqs), seqs, [statuses[k] for k in seqs],
                 [rtts[k] for k in seqs], [None] * len(seqs),
                 [started + timedelta(seconds=k) for k in seqs], [], 60)
             got = JobSummary.from_json(json.loads(await conn.fetchval(

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
 import asyncpg
-import pytest
 
 from poller.localpg import LocalPostgres, free_port
 from poller.partition import BUCKETS, bucket, owns
@@ -21,7 +20,7 @@ from poller.settings import Settings
 from tests.conftest import DbEnv
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
-from tests.support.postgrest_standin import migrate_like_supabase
+from tests.test_service import FAST, count
 
 ALL = list(range(BUCKETS))
 
@@ -128,19 +127,11 @@ async def test_the_apps_users_still_write_jobs(conn: asyncpg.Connection) -> None
 
 # The service: what a sync brings reaches the scheduler ----------------------------------
 
-FAST = {"POLL_INTERVAL_MS": "200", "BATCH_FLUSH_INTERVAL_MS": "100",
-        "RETRY_MAX_BACKOFF_MS": "300", "DB_TIMEOUT_MS": "1000", "SHUTDOWN_GRACE_MS": "5000"}
-
-
-def _count(svc: Service, name: str) -> float:
-    return svc.metrics.value(f"soundcheck_poller_{name}_total")
-
-
 async def _synced_after(svc: Service, cond: Callable[[], bool]) -> None:
     """Wait until a sync started after this call made `cond` true."""
-    syncs = _count(svc, "syncs")
+    syncs = count(svc, "syncs")
     async with asyncio.timeout(15):
-        await svc.progress.wait_for(lambda: _count(svc, "syncs") >= syncs + 2 and cond())
+        await svc.progress.wait_for(lambda: count(svc, "syncs") >= syncs + 2 and cond())
 
 
 async def test_the_service_takes_up_every_change_with_one_full_read(
@@ -159,8 +150,8 @@ async def test_the_service_takes_up_every_change_with_one_full_read(
         await _synced_after(svc, lambda: set(jobs) == {kept, edited, new}
                             and jobs[edited].job.cadence_seconds == 9
                             and jobs[edited].ip == "127.0.5.9")
-        assert _count(svc, "full_syncs") == 1  # the first; every later one read changes
-        assert _count(svc, "syncs") >= 4
+        assert count(svc, "full_syncs") == 1  # the first; every later one read changes
+        assert count(svc, "syncs") >= 4
     finally:
         assert await svc.stop()
 
@@ -184,7 +175,7 @@ async def test_a_topology_change_is_a_full_read_and_moves_jobs_between_replicas(
         shares = set(a.scheduler.jobs), set(b.scheduler.jobs)
         assert shares[0] | shares[1] == set(made) and not shares[0] & shares[1]
         assert shares[1]  # some moved to replica 1
-        assert _count(a, "full_syncs") == 2 and _count(b, "full_syncs") >= 1
+        assert count(a, "full_syncs") == 2 and count(b, "full_syncs") >= 1
         # After the move, changes go to the replica that owns the job now.
         [new] = await add_jobs(conn, ["127.0.6.99"])
         owner = a if owns(new, 0, [2]) else b
@@ -192,16 +183,6 @@ async def test_a_topology_change_is_a_full_read_and_moves_jobs_between_replicas(
     finally:
         assert await a.stop()
         assert await b.stop()
-
-
-@pytest.fixture
-async def own_pg() -> AsyncIterator[LocalPostgres]:
-    """A server of the test's own, which it may stop and start."""
-    pg = LocalPostgres()
-    await asyncio.to_thread(pg.start)
-    await migrate_like_supabase(pg.dsn)
-    yield pg
-    await asyncio.to_thread(pg.destroy)
 
 
 async def test_changes_are_taken_up_across_a_database_restart(
@@ -220,7 +201,7 @@ async def test_changes_are_taken_up_across_a_database_restart(
         [second] = await add_jobs(conn, ["127.0.7.2"])
         await conn.execute("update jobs set status = 'cancelled' where id = $1", first)
         await _synced_after(svc, lambda: set(svc.scheduler.jobs) == {second})
-        assert _count(svc, "full_syncs") == 1  # the cursor held across the restart
+        assert count(svc, "full_syncs") == 1  # the cursor held across the restart
     finally:
         assert await svc.stop()
         await conn.close()

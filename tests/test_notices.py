@@ -21,7 +21,7 @@ from poller.service import make_store
 from poller.settings import Settings
 from poller.store import Store
 from tests.conftest import DbEnv
-from tests.support.db import add_jobs
+from tests.support.db import RECORD_SAMPLES, add_jobs
 from tests.support.latency_standin import NO_REPLY, LatencyStandIn
 from tests.support.processes import PollerProcess
 from tests.support.receivers import SMTP_PASSWORD, SMTP_USER, RefusingSink, ThrowawayCA, WebhookSink
@@ -178,8 +178,6 @@ async def test_the_webhook_payload(ca: ThrowawayCA, hook: WebhookSink) -> None:
 
 # The delivery loop, against a real Postgres (both transports) ----------------------------
 
-_RECORD = ("select poller_record_samples($1::uuid[], $2::int[], $3::text[], $4::float8[], "
-           "$5::float8[], $6::timestamptz[], $7::uuid[], 60)")
 
 
 async def _completed_jobs(conn: asyncpg.Connection, n: int, email: str = "noc@example.com"
@@ -189,7 +187,7 @@ async def _completed_jobs(conn: asyncpg.Connection, n: int, email: str = "noc@ex
                          started_at=datetime.now(UTC) - timedelta(minutes=2))
     await conn.execute("update jobs set notification_email = $1 where id = any($2::uuid[])",
                        email, ids)
-    await conn.fetchval(_RECORD, [], [], [], [], [], [], ids)
+    await conn.fetchval(RECORD_SAMPLES, [], [], [], [], [], [], ids, 60)
     return ids
 
 
@@ -197,8 +195,9 @@ async def _offline_job(conn: asyncpg.Connection) -> UUID:
     """A job whose first 5 samples missed: one offline alert."""
     started = datetime.now(UTC) - timedelta(seconds=10)
     [job] = await add_jobs(conn, ["192.0.2.200"], started_at=started)
-    await conn.fetchval(_RECORD, [job] * 5, list(range(5)), ["missed"] * 5, [None] * 5,
-                        [None] * 5, [started + timedelta(seconds=k) for k in range(5)], [])
+    await conn.fetchval(RECORD_SAMPLES, [job] * 5, list(range(5)), ["missed"] * 5,
+                        [None] * 5, [None] * 5,
+                        [started + timedelta(seconds=k) for k in range(5)], [], 60)
     return job
 
 

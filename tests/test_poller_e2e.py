@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -22,23 +21,13 @@ from tests.conftest import JWT_SECRET, SERVICE_ROLE_KEY, DbEnv
 from tests.support.checks import assert_every_slot_once, load
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
-from tests.support.postgrest_standin import PostgrestStandIn, migrate_like_supabase
+from tests.support.postgrest_standin import PostgrestStandIn
 from tests.support.processes import PollerProcess
 
 pytestmark = pytest.mark.slow
 
 FAST = {"POLL_INTERVAL_MS": "500", "BATCH_FLUSH_INTERVAL_MS": "200",
         "RETRY_MAX_BACKOFF_MS": "400", "DB_TIMEOUT_MS": "2000", "LOG_LEVEL": "INFO"}
-
-
-@pytest.fixture
-async def own_pg() -> AsyncIterator[LocalPostgres]:
-    """A server of the test's own, which it may stop and start."""
-    pg = LocalPostgres()
-    await asyncio.to_thread(pg.start)
-    await migrate_like_supabase(pg.dsn)
-    yield pg
-    await asyncio.to_thread(pg.destroy)
 
 
 def targets(n: int, net: int = 1) -> list[str]:

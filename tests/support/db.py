@@ -17,6 +17,12 @@ values ($1, 'ACC-1', $2, $3, 'proactive', 'noc@example.com', $4, 'Test Runner', 
 """
 
 
+# The batch write, with every argument: job ids, sequence numbers, statuses, RTTs, jitters,
+# times, jobs to complete, settle seconds.
+RECORD_SAMPLES = ("select poller_record_samples($1::uuid[], $2::int[], $3::text[], "
+                  "$4::float8[], $5::float8[], $6::timestamptz[], $7::uuid[], $8)")
+
+
 async def add_jobs(
     conn: asyncpg.Connection,
     targets: Sequence[str | None],
