@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_poller import TICKS, cpu_seconds  # noqa: E402
+from bench_poller import DUE_SQL, TICKS, cpu_seconds  # noqa: E402
 
 from poller.localpg import LocalPostgres, free_port  # noqa: E402
 from poller.migrate import migrate  # noqa: E402
@@ -89,12 +90,16 @@ async def _best_ms(conn: asyncpg.Connection, sql: str, *args: object, n: int = 5
     return min(times) * 1000
 
 
-async def main(jobs: int, pollers: int, window: float) -> None:
-    with LocalPostgres() as pg:
+async def main(jobs: int, pollers: int, window: float, cadence: int,
+               shared_buffers: str, logs: str | None) -> None:
+    # Sized as a database for this many jobs would be (Supabase sets a quarter of the
+    # instance's memory): with the default 128 MB, the random inserts into the samples
+    # indexes read from the OS cache page by page, and Postgres's CPU per sample doubles.
+    with LocalPostgres(settings={"shared_buffers": shared_buffers}) as pg:
         await migrate(pg.dsn)
         conn = await asyncpg.connect(pg.dsn, command_timeout=600)
         t = time.perf_counter()
-        await conn.execute(_SEED, jobs, CADENCE)
+        await conn.execute(_SEED, jobs, cadence)
         await conn.execute("analyze")
         print(f"{jobs} jobs seeded in {time.perf_counter() - t:.0f}s; {pollers} pollers")
         await conn.fetchval("select poller_publish_topology($1, $2::int[])", FLEET, [pollers])
@@ -112,11 +117,13 @@ async def main(jobs: int, pollers: int, window: float) -> None:
                 stderr=asyncio.subprocess.PIPE))
         try:
             synced = await asyncio.gather(*(_first_sync(p) for p in procs))
-            drains = [asyncio.create_task(_drain(p.stderr)) for p in procs if p.stderr]
+            drains = [asyncio.create_task(_drain(p.stderr, Path(logs) / f"poller-{i}.log"
+                                                 if logs else None))
+                      for i, p in enumerate(procs) if p.stderr]
             all_synced = max(synced)
             print(f"every poller synced {all_synced - started:.1f}s after start; first "
-                  f"complete minute {all_synced + CADENCE - started:.0f}s after start")
-            await asyncio.sleep(max(0.0, all_synced + CADENCE + 5 - time.time()))
+                  f"complete cadence {all_synced + cadence - started:.0f}s after start")
+            await asyncio.sleep(max(0.0, all_synced + cadence + 5 - time.time()))
             t0 = time.time()
             p0 = sum(cpu_seconds(p.pid) for p in procs)
             s0 = server_cpu(pg)
@@ -142,11 +149,7 @@ async def main(jobs: int, pollers: int, window: float) -> None:
             for p in procs:
                 if p.returncode is None:
                     p.kill()
-        due = await conn.fetchval(
-            """select count(*) from jobs j,
-                      generate_series(0, j.duration_minutes * 60 / j.cadence_seconds - 1) k
-               where extract(epoch from j.started_at) + k * j.cadence_seconds
-                     between $1 and $2""", t0, t1)
+        due = await conn.fetchval(DUE_SQL, t0, t1)
         late = sorted(r[0] for r in await conn.fetch(
             """select (extract(epoch from s.recorded_at) - extract(epoch from j.started_at)
                        - s.sequence_number * j.cadence_seconds) * 1000
@@ -177,9 +180,11 @@ async def _first_sync(proc: asyncio.subprocess.Process) -> float:
     raise RuntimeError("a poller ended before its first sync")
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+async def _drain(stream: asyncio.StreamReader, keep: Path | None) -> None:
+    with keep.open("wb") if keep else contextlib.nullcontext() as out:
+        while line := await stream.readline():
+            if out:
+                out.write(line)
 
 
 if __name__ == "__main__":
@@ -187,5 +192,9 @@ if __name__ == "__main__":
     p.add_argument("--jobs", type=int, default=20_000)
     p.add_argument("--pollers", type=int, default=2)
     p.add_argument("--window", type=float, default=30.0)
+    p.add_argument("--cadence", type=int, default=CADENCE,
+                   help="seconds; a shorter one gives a million jobs' ping rate with fewer")
+    p.add_argument("--shared-buffers", default="2GB", help="the benchmark Postgres's")
+    p.add_argument("--logs", help="a folder to keep each poller's log in (after its first sync)")
     a = p.parse_args()
-    asyncio.run(main(a.jobs, a.pollers, a.window))
+    asyncio.run(main(a.jobs, a.pollers, a.window, a.cadence, a.shared_buffers, a.logs))

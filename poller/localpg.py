@@ -63,7 +63,8 @@ def free_port() -> int:
 class LocalPostgres:
     """initdb + pg_ctl on a private folder; `stop()`/`start()` keep the data for restarts."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})  # server settings beside the defaults below
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="soundcheck-pg-", dir="/tmp"))
@@ -93,6 +94,7 @@ class LocalPostgres:
         opts = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c full_page_writes=off -c max_connections=200"
+            + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l",
                   str(self.root / "server.log"), "-w", "-t", str(START_TIMEOUT_S), "start")

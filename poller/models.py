@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 # The largest value samples.rtt_ms and jitter_ms (numeric(10,2)) hold. An "RTT" beyond it is
@@ -53,8 +53,10 @@ class Job:
         return self.started_at.timestamp() + k * max(1, self.cadence_seconds)
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
+    """One ping's outcome. A named tuple, not a dataclass: one is made per ping, and a
+    tuple is built in C at half the cost; the stores transpose batches with zip()."""
+
     job_id: UUID
     sequence_number: int
     status: SampleStatus

@@ -111,7 +111,7 @@ class Prober:
         if state.in_flight:
             state.complete_when_idle = True  # the last ping is still out
         else:
-            self._recorder.request_completion(state.job.id)
+            self._recorder.request_completion(state.id)
 
     def _start(self, state: JobState, slot: int, due: float) -> None:
         started = self._clock()
@@ -160,7 +160,7 @@ class Prober:
             ping = self._out.popleft()
             if ping.open:
                 log.error("job %s slot %d: the pinger gave no answer within the ping timeout",
-                          ping.state.job.id, ping.slot)
+                          ping.state.id, ping.slot)
                 ping(system_error("the pinger gave no answer"))
         if self._out and self._watchdog is None:
             self._arm_watchdog()
@@ -179,19 +179,14 @@ class Prober:
             self._metrics.rtt.observe(rtt / 1000)
         self._count[status].inc()
         if status is SampleStatus.SYSTEM_ERROR:
-            log.debug("job %s slot %d: system_error: %s", state.job.id, slot, result.detail)
-        self._recorder.add(Sample(
-            job_id=state.job.id,
-            sequence_number=slot,
-            status=status,
-            rtt_ms=rtt,
-            jitter_ms=jitter,
-            recorded_at=datetime.fromtimestamp(started, UTC),
-        ))
+            log.debug("job %s slot %d: system_error: %s", state.id, slot, result.detail)
+        # job_id, sequence_number, status, rtt_ms, jitter_ms, recorded_at
+        self._recorder.add(Sample(state.id, slot, status, rtt, jitter,
+                                  datetime.fromtimestamp(started, UTC)))
         state.in_flight -= 1
         if state.in_flight == 0 and state.complete_when_idle:
             state.complete_when_idle = False
-            self._recorder.request_completion(state.job.id)
+            self._recorder.request_completion(state.id)
 
     async def idle(self) -> None:
         """Wait until no ping is out or waiting."""

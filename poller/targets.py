@@ -12,6 +12,7 @@ slots are recorded as `system_error` so the app shows why.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 from .pingers import parse_ip
@@ -40,16 +41,30 @@ def parse_networks(text: str) -> tuple[IpNetwork, ...]:
 class TargetPolicy:
     def __init__(self, deny: Iterable[IpNetwork] | None = None) -> None:
         self._deny = tuple(parse_networks(",".join(DEFAULT_DENY)) if deny is None else deny)
+        # IPv4 networks as (address, mask) integers: the fast path below checks a canonical
+        # IPv4 target (nearly every job) in about a microsecond, with no cache.
+        self._deny4 = tuple((int(n.network_address), int(n.netmask), n) for n in self._deny
+                            if isinstance(n, ipaddress.IPv4Network))
         self._seen: dict[str, tuple[str | None, str | None]] = {}
 
     def check(self, target: str | None) -> tuple[str | None, str | None]:
-        """(address to ping, None) or (None, why it is refused); cached per target text."""
+        """(address to ping, None) or (None, why it is refused)."""
         if target is None:
             return None, "the job has no target IP address"
-        found = self._seen.get(target)
+        try:
+            packed = socket.inet_pton(socket.AF_INET, target)
+        except (OSError, ValueError):
+            packed = b""
+        if packed and socket.inet_ntop(socket.AF_INET, packed) == target:
+            n = int.from_bytes(packed, "big")
+            for address, mask, net in self._deny4:
+                if n & mask == address:
+                    return None, f"target {target!r} is in the denied network {net}"
+            return target, None
+        found = self._seen.get(target)  # anything else: parsed once, cached
         if found is None:
             found = self._seen[target] = self._check(target)
-            if len(self._seen) > 1 << 17:  # bounded: targets come from user input
+            if len(self._seen) > 1 << 14:  # bounded: targets come from user input
                 self._seen.clear()
         return found
 
@@ -65,4 +80,5 @@ class TargetPolicy:
         for net in self._deny:
             if addr.version == net.version and addr in net:
                 return None, f"target {target!r} is in the denied network {net}"
-        return str(addr), None
+        text = str(addr)
+        return (target if text == target else text), None  # one string per job, not two

@@ -15,10 +15,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from poller.models import SampleStatus
 from poller.pingers import PingResult
-from poller.pingers.icmp import TIMEOUT_TEXT, IcmpPinger, IcmpUnavailable, _open
+from poller.pingers.icmp import (
+    _ECHO,
+    _HEADER,
+    _PADDED,
+    TIMEOUT_TEXT,
+    IcmpPinger,
+    IcmpUnavailable,
+    _checksum,
+    _open,
+    _Requests,
+)
 from tests.support.netns import NetnsHost, unavailable_reason
 
 KINDS = ["dgram", "raw"]
@@ -101,6 +113,19 @@ async def test_many_in_flight_match_their_own_replies(pinger: IcmpPinger) -> Non
 
 async def test_invalid_target_is_a_system_error(pinger: IcmpPinger) -> None:
     assert (await pinger.ping("not-an-ip")).status is SampleStatus.SYSTEM_ERROR
+
+
+@given(st.sampled_from([4, 6]), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
+def test_echo_requests_carry_the_checksum_of_the_whole_packet(
+        version: int, ident: int, seq: int) -> None:
+    """The incremental checksum equals RFC 792's sum over the packet, for every identifier
+    and sequence number (ICMPv6 leaves it to the kernel: zero)."""
+    packet = _Requests(version, ident)(seq)
+    reference = 0
+    if version == 4:
+        reference = _checksum(_HEADER.pack(_ECHO[4][0], 0, 0, ident, seq) + _PADDED)
+        assert _checksum(packet) == 0  # a packet with a right checksum sums to zero
+    assert packet == _HEADER.pack(_ECHO[version][0], 0, reference, ident, seq) + _PADDED
 
 
 def test_no_socket_says_what_to_grant() -> None:

@@ -148,7 +148,7 @@ async def test_the_service_takes_up_every_change_with_one_full_read(
         await conn.execute("update jobs set cadence_seconds = 9, target_ip = '127.0.5.9' "
                            "where id = $1", edited)
         await _synced_after(svc, lambda: set(jobs) == {kept, edited, new}
-                            and jobs[edited].job.cadence_seconds == 9
+                            and jobs[edited].cadence == 9
                             and jobs[edited].ip == "127.0.5.9")
         assert count(svc, "full_syncs") == 1  # the first; every later one read changes
         assert count(svc, "syncs") >= 4

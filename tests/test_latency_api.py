@@ -124,7 +124,7 @@ async def test_hostile_answers_never_hold_a_ping(standin: LatencyStandIn) -> Non
     await pinger.start()
     prober = Prober(pinger, recorder, metrics, concurrency=2, timeout_s=2)
     states = [JobState(Job(uuid4(), f"127.0.8.{i + 1}", 1, 60, datetime.now(UTC)),
-                       f"127.0.8.{i + 1}", None, 0, 1) for i in range(len(sb.HOSTILE))]
+                       f"127.0.8.{i + 1}", None, 0) for i in range(len(sb.HOSTILE))]
     for k in range(3):
         for state in states:
             prober.on_slot(state, k, time.time())
@@ -178,7 +178,7 @@ async def test_prober_bounds_requests_in_flight(standin: LatencyStandIn) -> None
     await pinger.start()
     prober = Prober(pinger, recorder, metrics, concurrency=4, timeout_s=5)
     job = Job(uuid4(), "127.0.0.5", 1, 60, datetime.now(UTC))
-    state = JobState(job, "127.0.0.5", None, 0, 1)
+    state = JobState(job, "127.0.0.5", None, 0)
     for k in range(40):
         prober.on_slot(state, k, time.time())
     async with asyncio.timeout(10):

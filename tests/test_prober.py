@@ -48,7 +48,7 @@ async def test_every_ping_ends_in_exactly_one_sample() -> None:
                         max_buffered=10_000, max_backoff_s=1)
     pinger = MisbehavingPinger()
     prober = Prober(pinger, recorder, metrics, concurrency=20, timeout_s=0.2)
-    states = [JobState(Job(uuid4(), ip, 1, 60, datetime.now(UTC)), ip, None, 0, 1)
+    states = [JobState(Job(uuid4(), ip, 1, 60, datetime.now(UTC)), ip, None, 0)
               for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")]
     for k in range(3):
         for state in states:
@@ -60,7 +60,7 @@ async def test_every_ping_ends_in_exactly_one_sample() -> None:
     statuses = {s.job_id: set() for s in recorder._buffer}
     for s in recorder._buffer:
         statuses[s.job_id].add(s.status)
-    by_ip = {st.job.target_ip: statuses[st.job.id] for st in states}
+    by_ip = {st.ip: statuses[st.id] for st in states}
     assert by_ip == {"127.0.0.2": {SampleStatus.SUCCESS},  # the second answer ignored
                      "127.0.0.3": {SampleStatus.SYSTEM_ERROR},  # submit raised
                      "127.0.0.4": {SampleStatus.SYSTEM_ERROR},  # the watchdog closed it

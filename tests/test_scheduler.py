@@ -92,7 +92,7 @@ async def test_a_job_that_cannot_be_scheduled_gets_one_slot_and_its_end() -> Non
     done = asyncio.Event()
 
     def note(kind: str, st: JobState, k: int = -1) -> None:
-        calls.append((kind, st.job.id, k))
+        calls.append((kind, st.id, k))
         if len(calls) == 3:
             done.set()
 
@@ -144,4 +144,51 @@ async def test_run_dispatches_each_slot_once_on_time() -> None:
     await task
     assert [k for k, _, _ in slots] == [59]  # slot 59 (due at 59 s) is the only one left
     assert all(0 <= fired - due < 0.5 for _, due, fired in slots)  # on time, not a slot late
-    assert expired[0].job.id == j.id
+    assert expired[0].id == j.id
+
+
+async def test_equal_due_times_and_edits_dispatch_each_slot_once() -> None:
+    """Forty jobs started at the same instant (their heap entries tie), half of them edited
+    to a slower cadence after slot 1: the old entries of the edited half fire nothing, and
+    every job gets each slot at most once, at the time its current cadence says."""
+    now = [at(5)]
+    pinged: list[tuple[object, int, float]] = []
+    skipped: list[tuple[object, int]] = []
+    want = [0]
+    reached = asyncio.Event()
+
+    def on_slot(st: JobState, k: int, due: float) -> None:
+        pinged.append((st.id, k, due))
+        if len(pinged) == want[0]:
+            reached.set()
+
+    s = Scheduler(on_slot, lambda st: None, clock=lambda: now[0],
+                  on_skipped=lambda st, k, due: skipped.append((st.id, k)))
+
+    async def run_at(seconds: float, expect: int) -> list[tuple[object, int, float]]:
+        now[0], want[0], start = at(seconds), len(pinged) + expect, len(pinged)
+        reached.clear()
+        task = asyncio.create_task(s.run())
+        try:
+            async with asyncio.timeout(5):
+                await reached.wait()
+        finally:
+            s.stop()
+            await task
+        s._stopping = False  # run again at the next step
+        return pinged[start:]
+
+    jobs = [job(cadence=10, minutes=10, last_ping=T0) for _ in range(40)]
+    await s.update(jobs)
+    assert {k for _, k, _ in await run_at(10, 40)} == {1}
+    edited = [Job(j.id, j.target_ip, 20, 10, T0, T0) for j in jobs[:20]]
+    await s.update(edited + jobs[20:])
+    step = await run_at(20, 20)
+    assert {i for i, _, _ in step} == {j.id for j in jobs[20:]} and {k for _, k, _ in step} == {2}
+    step = await run_at(40, 40)
+    assert sorted((k, due) for i, k, due in step if i in {j.id for j in jobs[:20]}) == \
+        [(2, at(40))] * 20  # slot 2 of the 20 s cadence
+    assert sorted((k, due) for i, k, due in step if i in {j.id for j in jobs[20:]}) == \
+        [(4, at(40))] * 20  # the newest overdue slot; slot 3 was passed over
+    assert sorted(skipped, key=str) == sorted(((j.id, 3) for j in jobs[20:]), key=str)
+    assert len(pinged) == len(set((i, k) for i, k, _ in pinged)) == 100

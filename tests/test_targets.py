@@ -67,3 +67,20 @@ def test_what_passes_is_canonical_and_outside_every_denied_network(
                        for n in parse_networks(",".join(
                            ["0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8",
                             "255.255.255.255/32", "169.254.0.0/16", "fe80::/10"])))
+
+
+_NETS4 = st.builds(lambda a, p: ipaddress.ip_network(f"{a}/{p}", strict=False),
+                  st.ip_addresses(v=4), st.integers(0, 32))
+
+
+@given(st.ip_addresses(v=4), st.lists(_NETS4, max_size=4),
+       st.sampled_from(["{}", " {} ", "::ffff:{}"]))
+def test_the_ipv4_fast_path_agrees_with_ipaddress(
+        addr: ipaddress.IPv4Address, deny: list[ipaddress.IPv4Network], form: str) -> None:
+    """Canonical IPv4 text takes a fast path (no `ipaddress`, no cache); any other spelling
+    of the same address takes the general one: both give the same answer."""
+    policy = TargetPolicy(deny)
+    fast = policy.check(str(addr))
+    general = policy._check(form.format(addr))
+    assert fast[0] == general[0]
+    assert (fast[1] is None) == (general[1] is None)

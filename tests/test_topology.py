@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import uuid
 from collections.abc import Callable
 
 import asyncpg
 import pytest
 
 from poller.localpg import free_port
-from poller.partition import owns
+from poller.partition import bucket, owns
 from poller.service import Service
 from poller.settings import Settings
 from tests.conftest import DbEnv
@@ -67,19 +69,35 @@ async def test_the_heartbeat_reports_the_applied_topology_not_the_served_one(
     assert [(r["epoch"], r["counts"]) for r in state["replicas"]] == [(1, [2])]  # applied
 
 
-async def test_job_pages_cover_every_owned_job_once_in_id_order(
+def _ids_in_buckets(buckets: set[int], n: int) -> list[uuid.UUID]:
+    rng = random.Random(7)
+    found: list[uuid.UUID] = []
+    for _ in range(5_000_000):  # bounded; about 1 in 340 falls in three of 1024 buckets
+        candidate = uuid.UUID(int=rng.getrandbits(128), version=4)
+        if bucket(candidate) in buckets:
+            found.append(candidate)
+            if len(found) == n:
+                return found
+    raise AssertionError("no ids found")
+
+
+async def test_job_pages_cover_every_owned_job_once_in_bucket_order(
         conn: asyncpg.Connection) -> None:
+    # 50 jobs in their own buckets, and 30 crowded into three: pages end inside a bucket.
+    crowded = _ids_in_buckets({5, 6, 900}, 30)
     ids = await add_jobs(conn, [f"127.0.0.{i}" for i in range(1, 51)])
+    ids += await add_jobs(conn, ["127.0.1.1"] * 30, ids=crowded)
     seen: list[str] = []
     after = None
-    for _ in range(20):  # bounded: 50 jobs in pages of 7
+    for _ in range(20):  # bounded: 80 jobs in pages of 7
         page = json.loads(await conn.fetchval(
             "select poller_jobs_page(0, '{1}', $1, 7)", after))
+        assert len(page["jobs"]) == 7 or page["next"] is None
         seen += [row["id"] for row in page["jobs"]]
         after = page["next"]
         if after is None:
             break
-    assert seen == sorted(str(i) for i in ids)
+    assert seen == [str(i) for i in sorted(ids, key=lambda i: (bucket(i), str(i)))]
     # The bucket filter agrees with the Python partition (and soundcheck_bucket).
     page = json.loads(await conn.fetchval("select poller_jobs_page(1, '{3}', null, 100)"))
     assert {row["id"] for row in page["jobs"]} == {str(i) for i in ids if owns(i, 1, [3])}

@@ -62,13 +62,28 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def _echo_request(version: int, ident: int, seq: int) -> bytes:
-    kind = _ECHO[version][0]
-    payload = _PAYLOAD + b"\0"
-    header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
-    if version == 4:  # the kernel computes ICMPv6 checksums itself
-        header = struct.pack("!BBHHH", kind, 0, _checksum(header + payload), ident, seq)
-    return header + payload
+_HEADER = struct.Struct("!BBHHH")
+_PADDED = _PAYLOAD + b"\0"
+
+
+class _Requests:
+    """Echo requests of one family and identifier, built per ping without summing the
+    packet: only the sequence number changes, so the checksum is the precomputed sum of
+    the rest plus that number (RFC 1624's incremental update), folded."""
+
+    def __init__(self, version: int, ident: int) -> None:
+        self.kind, self.ident, self.v4 = _ECHO[version][0], ident, version == 4
+        self.rest = _HEADER.pack(self.kind, 0, 0, ident, 0) + _PADDED
+        self.partial = sum(struct.unpack(f"!{len(self.rest) // 2}H", self.rest))
+
+    def __call__(self, seq: int) -> bytes:
+        checksum = 0
+        if self.v4:
+            total = self.partial + seq
+            total = (total >> 16) + (total & 0xFFFF)
+            total += total >> 16
+            checksum = ~total & 0xFFFF
+        return _HEADER.pack(self.kind, 0, checksum, self.ident, seq) + _PADDED
 
 
 class _Wait:
@@ -92,6 +107,7 @@ class _Family:
         self.raw = raw
         # Raw sockets see every echo reply on the host: ours carry this identifier.
         self.ident = os.getpid() & 0xFFFF if raw else 0
+        self.request = _Requests(version, self.ident)
         self.seq = itertools.count()
         self.waiting: dict[tuple[str, int], _Wait] = {}
 
@@ -191,7 +207,7 @@ class IcmpPinger:
             return
         sent_ns = time.time_ns()
         try:
-            fam.sock.sendto(_echo_request(version, fam.ident, seq), (target, 0))
+            fam.sock.sendto(fam.request(seq), (target, 0))
         except OSError as exc:
             if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
                 result = PingResult(SampleStatus.MISSED, None, UNREACHABLE_TEXT)

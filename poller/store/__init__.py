@@ -164,8 +164,8 @@ PageFetch = Callable[[UUID | None], Awaitable[JobsPage]]
 
 
 async def pages(fetch: PageFetch, first: JobsPage | Changes) -> AsyncIterator[list[Job]]:
-    """The pages of a full read, from its first page on, in id order (one call per page),
-    as they arrive."""
+    """The pages of a full read, from its first page on, in (bucket, id) order (one call
+    per page), as they arrive."""
     yield list(first.jobs)
     after = first.next
     while after is not None:

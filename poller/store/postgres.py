@@ -226,18 +226,11 @@ class PostgresStore:
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult:
-        raw = await self._call(
-            "fetchval",
-            _RECORD_SQL,
-            [s.job_id for s in samples],
-            [s.sequence_number for s in samples],
-            [s.status.value for s in samples],
-            [s.rtt_ms for s in samples],
-            [s.jitter_ms for s in samples],
-            [s.recorded_at for s in samples],
-            list(complete_job_ids),
-            self._settle_s,
-        )
+        # One column array per field, transposed in C; statuses as their plain text.
+        ids, seqs, statuses, rtts, jitters, ats = (
+            zip(*samples, strict=True) if samples else ((),) * 6)
+        raw = await self._call("fetchval", _RECORD_SQL, ids, seqs, [s.value for s in statuses],
+                               rtts, jitters, ats, list(complete_job_ids), self._settle_s)
         return RecordResult.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def outbox_state(self) -> OutboxState:

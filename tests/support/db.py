@@ -31,15 +31,17 @@ async def add_jobs(
     duration_minutes: int = 60,
     started_at: datetime | None = None,
     mode: str = "real_polling",
+    ids: Sequence[uuid.UUID] | None = None,
 ) -> list[uuid.UUID]:
-    """One running job per target; a None target gets a MAC only (no IP), as the app allows."""
-    ids = []
+    """One running job per target (with the given ids, or new ones); a None target gets a
+    MAC only (no IP), as the app allows."""
+    made = []
     requester = uuid.uuid4()
     for i, target in enumerate(targets):
-        job_id = uuid.uuid4()
+        job_id = ids[i] if ids is not None else uuid.uuid4()
         cadence = cadence_seconds if isinstance(cadence_seconds, int) else cadence_seconds[i]
         mac = "aa:bb:cc:dd:ee:ff" if target is None else None
         await conn.execute(_INSERT_JOB, job_id, target, mac, requester, cadence,
                            duration_minutes, mode, started_at)
-        ids.append(job_id)
-    return ids
+        made.append(job_id)
+    return made
