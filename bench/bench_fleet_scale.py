@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,10 +111,11 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
                                                            os.environ.get("PYTHONPATH")]))}
         started = time.time()
         procs = []
+        ports = [free_port() for _ in range(pollers)]
         for i in range(pollers):
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "poller",
-                env={**env, "HOSTNAME": f"scale-{i}", "PORT": str(free_port())},
+                env={**env, "HOSTNAME": f"scale-{i}", "PORT": str(ports[i])},
                 stderr=asyncio.subprocess.PIPE))
         try:
             synced = await asyncio.gather(*(_first_sync(p) for p in procs))
@@ -141,6 +143,8 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
                 "'bench', 5000, $3::xid8, $4::int[])", FLEET, [pollers],
                 int(quiet["cursor"]), quiet["buckets"])
             state_ms = await _best_ms(conn, "select poller_fleet_state($1)", FLEET, n=3)
+            dropped = sum([await _counter(port, "soundcheck_poller_samples_dropped_total")
+                           for port in ports])
             for p in procs:
                 p.send_signal(signal.SIGTERM)
             codes = [await asyncio.wait_for(p.wait(), 120) for p in procs]
@@ -167,7 +171,18 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
     print(f"poller RSS {rss / 2**20:.0f} MiB in all: {rss / jobs:.0f} bytes per owned job")
     print(f"database time: a quiet fleet sync {sync_ms:.1f} ms, the operator's fleet state "
           f"{state_ms:.0f} ms")
-    print(f"poller exit codes {codes} (0: every sample written, none dropped)")
+    print(f"samples dropped (buffer full, the pollers' counter): {dropped:.0f}; exit codes "
+          f"{codes} (0: what was buffered at the stop was written)")
+
+
+async def _counter(port: int, name: str) -> float:
+    """One value from a poller's /metrics."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+            session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
 
 
 async def _first_sync(proc: asyncio.subprocess.Process) -> float:

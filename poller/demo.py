@@ -233,6 +233,7 @@ async def _tail(log: BinaryIO) -> str:
 def run_demo(duration: float | None, unreachable: str,
              stop_database_after: float | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="soundcheck-demo-"))
+    print(f"logs in {workdir} (removed at the end)", flush=True)
     try:
         with open(workdir / "sidecar.log", "wb") as side_log, \
                 open(workdir / "poller.log", "wb") as poll_log, \
@@ -257,8 +258,8 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        print("starting a throwaway PostgreSQL…", flush=True)
         pg = LocalPostgres()
+        print(f"starting a throwaway PostgreSQL in {pg.root}…", flush=True)
         await asyncio.to_thread(pg.start)
         await migrate(pg.dsn)
         conn = await asyncpg.connect(pg.dsn)

@@ -89,6 +89,10 @@ class Metrics:
         self.sync_errors = Counter(
             "soundcheck_poller_sync_errors", "Job syncs that failed", registry=r
         )
+        self.heartbeats = Counter(
+            "soundcheck_poller_heartbeats", "Heartbeat-only syncs made while a long full read "
+            "was taken up (so the fleet does not take this replica for dead)", registry=r,
+        )
         self.full_syncs = Counter(
             "soundcheck_poller_full_syncs", "Syncs that read every owned job (at start, on "
             "a topology or live-set change, every SYNC_FULL_INTERVAL_S); the others read "

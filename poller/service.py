@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -238,6 +238,38 @@ class Service:
             await self.scheduler.apply(changes.jobs, changes.gone)
         self._cursor, self._buckets = changes.cursor, buckets
 
+    @contextlib.asynccontextmanager
+    async def _heartbeats_meanwhile(self) -> AsyncIterator[None]:
+        """Keep this replica's heartbeat going while a full read is taken up.
+
+        The sync is the heartbeat, and the next sync waits for this read: a large read on a
+        busy machine (500,000 jobs took 70 s here) would outlast the failover timeout, the
+        others would take this replica's buckets (so their own buckets move, so they do a
+        full read too) and every replica would end up pinging everything. A heartbeat-only
+        sync each POLL_INTERVAL_MS reports the state applied so far, which is the truth:
+        what it serves is ignored (one job asked for, dropped)."""
+        task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _heartbeat_loop(self) -> None:
+        s = self.settings
+        assert s.fleet_name
+        while True:
+            await asyncio.sleep(s.poll_interval_ms / 1000)
+            try:
+                await self.store.fleet_sync(s.fleet_name, s.replica_id, self.applied,
+                                            self.leaving, len(self.scheduler.jobs),
+                                            __version__, 1, self._cursor, self._buckets)
+                self.metrics.heartbeats.inc()
+                self.progress.notify()
+            except StoreError as exc:  # the read goes on; the next sync reports failures
+                log.debug("heartbeat during a full read failed: %s", exc)
+
     async def _hand_over(self, deadline: float) -> None:
         """Say this replica is leaving and keep pinging until every live replica has applied
         a sync made after that (so they ping its share), within half the grace: a graceful
@@ -335,7 +367,11 @@ class Service:
                          "the others are shared among them", ",".join(map(str, synced.live))
                          or "none", synced.failover_s)
                 self.live = synced.live
-            await self._take_up(synced.changes, synced.buckets)
+            if synced.changes.full:
+                async with self._heartbeats_meanwhile():
+                    await self._take_up(synced.changes, synced.buckets)
+            else:
+                await self._take_up(synced.changes, synced.buckets)
             self.applied = Applied(synced.epoch, synced.counts, synced.now)
             if self.leaving and synced.taken_over:
                 self.handed_over.set()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -17,6 +17,8 @@ from poller.localpg import LocalPostgres, free_port
 from poller.partition import BUCKETS, bucket, owns
 from poller.service import Service
 from poller.settings import Settings
+from poller.store import JobsPage
+from poller.store.postgres import PostgresStore
 from tests.conftest import DbEnv
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
@@ -205,3 +207,48 @@ async def test_changes_are_taken_up_across_a_database_restart(
     finally:
         assert await svc.stop()
         await conn.close()
+
+
+class _HeldPages(PostgresStore):
+    """The direct store, with the pages after a full read's first held until released."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn, timeout_s=2.0)
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+
+    async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
+                              limit: int) -> JobsPage:
+        self.held.set()
+        await self.release.wait()
+        return await super().jobs_in_buckets(buckets, after, limit)
+
+
+async def test_a_long_full_read_keeps_the_heartbeat_going(
+        conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
+    """A full read that outlasts the failover timeout must not make the fleet take this
+    replica for dead (its buckets would be taken over, and the others' moved in turn)."""
+    fleet = "soundcheck/slowread"
+    await conn.fetchval("select poller_publish_topology($1, '{1}')", fleet)
+    await conn.execute("select poller_set_failover($1, 1)", fleet)
+    made = await add_jobs(conn, [f"127.0.8.{i}" for i in range(1, 11)])
+    store = _HeldPages(dsn)
+    svc = Service(Settings.from_env({**FAST, "DATABASE_URL": dsn, "FLEET_NAME": fleet,
+                                     "LATENCY_API_URL": standin.url, "REPLICA_ID": "0",
+                                     "SYNC_PAGE_SIZE": "3", "PORT": str(free_port())}),
+                  store=store)
+    await svc.start()
+    try:
+        async with asyncio.timeout(15):
+            await store.held.wait()  # the first page taken up, the second held
+            beats = count(svc, "heartbeats")
+            # Eight heartbeats at 200 ms: past the failover timeout of 1 s.
+            await svc.progress.wait_for(lambda: count(svc, "heartbeats") >= beats + 8)
+        assert len(svc.scheduler.jobs) == 3 and not svc.first_sync_done
+        assert await conn.fetchval("select poller_live_replicas($1)", fleet) == [0]
+        store.release.set()
+        await _synced_after(svc, lambda: set(svc.scheduler.jobs) == set(made))
+        assert count(svc, "full_syncs") == 1  # the heartbeats' answers were not taken up
+    finally:
+        store.release.set()
+        assert await svc.stop()
