@@ -41,6 +41,7 @@ _SOL_RAW = 255
 _ICMP_FILTER = 1
 _ICMP6_FILTER = 1
 _RCVBUF = 8 * 1024 * 1024
+_EXPIRY_TICK_S = 0.1
 _PAYLOAD = b"soundcheck-ping"  # 15 bytes, plus 1 of padding below: 16-byte payload
 _ECHO = {4: (8, 0), 6: (128, 129)}  # family → (echo request type, echo reply type)
 _UNREACHABLE = {4: 3, 6: 1}
@@ -233,7 +234,12 @@ class IcmpPinger:
             if wait.fam.waiting.get(wait.key) is wait:
                 del wait.fam.waiting[wait.key]
                 wait.done(PingResult(SampleStatus.MISSED, None, TIMEOUT_TEXT))
-        self._timer = self._loop.call_at(queue[0].deadline, self._expire_due) if queue else None
+        # At most every _EXPIRY_TICK_S: the queue also holds pings already answered, whose
+        # deadlines are as dense as the sends; waking for each would cost a loop turn per
+        # ping. A timeout is noticed up to that much late (its sample still says when the
+        # ping started).
+        self._timer = self._loop.call_at(max(queue[0].deadline, now + _EXPIRY_TICK_S),
+                                         self._expire_due) if queue else None
 
     def _on_readable(self, fam: _Family) -> None:
         while True:
