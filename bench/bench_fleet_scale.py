@@ -3,11 +3,11 @@
 A throwaway real Postgres holding --jobs running real-polling jobs at a 60 s cadence (their
 phases spread over the minute, targets in 127.0.0.0/8), --pollers poller processes in one
 fleet (topology published as the operator would), pinging with in-process ICMP. After
-every poller's first sync and one whole minute of warm-up, it measures a --window of
-seconds and prints:
+the first complete cadence (see below), it measures a --window of seconds and prints:
   - slots due in the window and how many have a sample (all should), lateness p50/p99/max;
   - samples dropped (the pollers' own counter);
-  - time from start to the first complete minute (every poller synced, then one cadence);
+  - time from start to every poller's first sync, and to the first complete cadence
+    (synced, one cadence later, and what the start's catch-up buffered written);
   - CPU per 1,000 pings of the pollers and of Postgres, separately (from /proc);
   - poller RSS per owned job;
   - the database time of a quiet fleet sync (nothing changed) and of the operator's
@@ -123,9 +123,21 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
                                                  if logs else None))
                       for i, p in enumerate(procs) if p.stderr]
             all_synced = max(synced)
-            print(f"every poller synced {all_synced - started:.1f}s after start; first "
-                  f"complete cadence {all_synced + cadence - started:.0f}s after start")
-            await asyncio.sleep(max(0.0, all_synced + cadence + 5 - time.time()))
+            print(f"every poller synced {all_synced - started:.1f}s after start", flush=True)
+            await asyncio.sleep(max(0.0, all_synced + cadence - time.time()))
+            # The start's catch-up (every job's first slot at once, the first reads) may
+            # leave samples buffered: the window starts once they are written, and the
+            # time to that is the time to the first complete cadence.
+            for _ in range(600):  # bounded: ten minutes
+                buffered = [await _counter(port, "soundcheck_poller_buffered_samples")
+                            for port in ports]
+                if max(buffered) < 2000:
+                    break
+                await asyncio.sleep(1)
+            print(f"first complete cadence (synced, a cadence on, the backlog written) "
+                  f"{time.time() - started:.0f}s after start", flush=True)
+            dropped0 = sum([await _counter(port, "soundcheck_poller_samples_dropped_total")
+                            for port in ports])
             t0 = time.time()
             p0 = sum(cpu_seconds(p.pid) for p in procs)
             s0 = server_cpu(pg)
@@ -144,7 +156,7 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
                 int(quiet["cursor"]), quiet["buckets"])
             state_ms = await _best_ms(conn, "select poller_fleet_state($1)", FLEET, n=3)
             dropped = sum([await _counter(port, "soundcheck_poller_samples_dropped_total")
-                           for port in ports])
+                           for port in ports]) - dropped0
             for p in procs:
                 p.send_signal(signal.SIGTERM)
             codes = [await asyncio.wait_for(p.wait(), 120) for p in procs]
@@ -171,7 +183,8 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
     print(f"poller RSS {rss / 2**20:.0f} MiB in all: {rss / jobs:.0f} bytes per owned job")
     print(f"database time: a quiet fleet sync {sync_ms:.1f} ms, the operator's fleet state "
           f"{state_ms:.0f} ms")
-    print(f"samples dropped (buffer full, the pollers' counter): {dropped:.0f}; exit codes "
+    print(f"samples dropped from the window on (buffer full, the pollers' counter): "
+          f"{dropped:.0f}; exit codes "
           f"{codes} (0: what was buffered at the stop was written)")
 
 

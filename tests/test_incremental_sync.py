@@ -252,3 +252,25 @@ async def test_a_long_full_read_keeps_the_heartbeat_going(
     finally:
         store.release.set()
         assert await svc.stop()
+
+
+async def test_the_sync_columns_come_once_not_once_per_job(conn: asyncpg.Connection) -> None:
+    """The direct transport's sync answers carry the sync's own columns (bucket list,
+    topology, cursor) on their first row only: on every row, a full read's page of 5,000
+    jobs made the poller decode 5,000 copies of a 1,024-bucket list (140 MB)."""
+    from poller.store.postgres import _BUCKETS_SQL, _CHANGES_SQL, _FLEET_SQL
+
+    fleet = "soundcheck/head"
+    await conn.fetchval("select poller_publish_topology($1, '{1}')", fleet)
+    made = await add_jobs(conn, [f"127.0.9.{i}" for i in range(1, 31)])
+    fleet_rows = await conn.fetch(_FLEET_SQL, fleet, 0, 0, [], None, False, 0, "t", 1000,
+                                  None, [])
+    change_rows = await conn.fetch(_CHANGES_SQL, ALL, None, 1000)
+    page_rows = await conn.fetch(_BUCKETS_SQL, ALL, None, 1000)
+    for rows, head in ((fleet_rows, "buckets"), (change_rows, "cursor"), (page_rows, "next")):
+        assert {r["id"] for r in rows} == set(made)
+        assert [r["n"] for r in rows] == list(range(1, 31))  # in the page's order
+        assert all(r[head] is None for r in rows[1:])
+    assert len(fleet_rows[0]["buckets"]) == BUCKETS and change_rows[0]["full"]
+    empty = await conn.fetch(_CHANGES_SQL, [], None, 1000)  # no job: one row, the head
+    assert len(empty) == 1 and empty[0]["id"] is None and empty[0]["cursor"] is not None
