@@ -41,13 +41,17 @@ create or replace function poller_jobs_in_buckets(p_buckets int[], p_after uuid,
 returns jsonb
 language plpgsql stable
 set search_path = public, pg_temp
+-- One plan for the per-bucket query (an index range scan whatever the bucket): planning it
+-- anew for each of up to 1,024 buckets cost three times the scan in a small fleet.
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_from int := -1;
     v_after uuid;  -- the cursor, within its own bucket only
     v_bucket int;
-    v_jobs jsonb := '[]';
-    v_part jsonb;
+    v_parts jsonb[] := '{}';  -- each bucket's rows; appending to an array is cheap, to a
+    v_part jsonb;             -- jsonb value a copy of all of it (quadratic over a page)
+    v_jobs jsonb;
     v_count int := 0;
     v_got int;
 begin
@@ -76,10 +80,15 @@ begin
               order by j.id
               limit p_limit + 1 - v_count) as r;
         v_after := null;
-        v_jobs := v_jobs || v_part;
+        if v_got > 0 then
+            v_parts := array_append(v_parts, v_part);
+        end if;
         v_count := v_count + v_got;
         exit when v_count > p_limit;
     end loop;
+    select coalesce(jsonb_agg(e.job order by p.i, e.k), '[]'::jsonb) into v_jobs
+    from unnest(v_parts) with ordinality as p(part, i)
+    cross join lateral jsonb_array_elements(p.part) with ordinality as e(job, k);
     if v_count > p_limit then
         v_jobs := v_jobs - (-1);
         return jsonb_build_object('jobs', v_jobs, 'next', v_jobs -> (-1) -> 'id');
