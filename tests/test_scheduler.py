@@ -168,13 +168,7 @@ async def test_equal_due_times_and_edits_dispatch_each_slot_once() -> None:
     async def run_at(seconds: float, expect: int) -> list[tuple[object, int, float]]:
         now[0], want[0], start = at(seconds), len(pinged) + expect, len(pinged)
         reached.clear()
-        task = asyncio.create_task(s.run())
-        try:
-            async with asyncio.timeout(5):
-                await reached.wait()
-        finally:
-            s.stop()
-            await task
+        await _run_until(s, reached)
         s._stopping = False  # run again at the next step
         return pinged[start:]
 
