@@ -43,7 +43,7 @@ _JOB_COLUMNS = ("id uuid, target_ip text, cadence_seconds int, duration_minutes 
 _JOB_NAMES = "id, target_ip, cadence_seconds, duration_minutes, started_at, last_ping_at"
 
 
-def _with_head(call: str, head: str, jobs: str) -> str:
+def _with_head(call: str, head: str) -> str:
     """SQL: `call` once (MATERIALIZED: a subquery in FROM would be pulled up and its stable
     function evaluated for every job of the page), its jobs as typed rows in page order,
     and the call's own columns `head` on the first row only (a row of nulls when there is
@@ -52,14 +52,14 @@ def _with_head(call: str, head: str, jobs: str) -> str:
     return (
         f"with c as materialized (select {call} as s) "
         f"select x.*, h.* from c "
-        f"left join lateral rows from (jsonb_to_recordset({jobs}) as ({_JOB_COLUMNS})) "
+        f"left join lateral rows from (jsonb_to_recordset(c.s->'jobs') as ({_JOB_COLUMNS})) "
         f"with ordinality as x({_JOB_NAMES}, n) on true "
         f"left join lateral (select {head}) as h on x.n is null or x.n = 1 "
         "order by x.n nulls first")
 
 
 _BUCKETS_SQL = _with_head("poller_jobs_in_buckets($1::int[], $2::uuid, $3::int)",
-                          "c.s->>'next' as next", "c.s->'jobs'")
+                          "c.s->>'next' as next")
 # What changed (or a full read's first page), and the columns of Changes.
 _CHANGES_COLUMNS = (
     "(c.s->>'full')::bool as full, (c.s->>'cursor')::bigint as cursor, "
@@ -67,7 +67,7 @@ _CHANGES_COLUMNS = (
     "c.s->>'next' as next"
 )
 _CHANGES_SQL = _with_head("poller_job_changes($1::int[], $2::xid8, $3::int)",
-                          _CHANGES_COLUMNS, "c.s->'jobs'")
+                          _CHANGES_COLUMNS)
 _FLEET_SQL = _with_head(
     "poller_fleet_sync_delta($1, $2, $3, $4::int[], $5, $6, $7, $8, $9, $10::xid8, "
     "$11::int[])",
@@ -76,8 +76,7 @@ _FLEET_SQL = _with_head(
     "array(select jsonb_array_elements_text(c.s->'live'))::int[] as live, "
     "array(select jsonb_array_elements_text(c.s->'buckets'))::int[] as buckets, "
     "(c.s->>'epoch')::bigint as epoch, (c.s->>'failover_s')::int as failover_s, "
-    "(c.s->>'now')::timestamptz as now, (c.s->>'taken_over')::bool as taken_over",
-    "c.s->'jobs'")
+    "(c.s->>'now')::timestamptz as now, (c.s->>'taken_over')::bool as taken_over")
 
 
 def _jobs(rows: list[asyncpg.Record]) -> list[Job]:
