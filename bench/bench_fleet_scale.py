@@ -118,10 +118,11 @@ async def main(jobs: int, pollers: int, window: float, cadence: int,
                 env={**env, "HOSTNAME": f"scale-{i}", "PORT": str(ports[i])},
                 stderr=asyncio.subprocess.PIPE))
         try:
-            synced = await asyncio.gather(*(_first_sync(p) for p in procs))
-            drains = [asyncio.create_task(_drain(p.stderr, Path(logs) / f"poller-{i}.log"
-                                                 if logs else None))
-                      for i, p in enumerate(procs) if p.stderr]
+            keep = [Path(logs) / f"poller-{i}.log" if logs else None for i in range(pollers)]
+            synced = await asyncio.gather(*(_first_sync(p, k) for p, k in zip(procs, keep,
+                                                                                strict=True)))
+            drains = [asyncio.create_task(_drain(p.stderr, k))
+                      for p, k in zip(procs, keep, strict=True) if p.stderr]
             all_synced = max(synced)
             print(f"every poller synced {all_synced - started:.1f}s after start", flush=True)
             await asyncio.sleep(max(0.0, all_synced + cadence - time.time()))
@@ -198,18 +199,21 @@ async def _counter(port: int, name: str) -> float:
     return 0.0
 
 
-async def _first_sync(proc: asyncio.subprocess.Process) -> float:
+async def _first_sync(proc: asyncio.subprocess.Process, keep: Path | None) -> float:
     """When the poller logged its first good sync; its log is drained afterwards."""
     assert proc.stderr is not None
-    async with asyncio.timeout(600):
-        while line := await proc.stderr.readline():
-            if b" synced: " in line:
-                return time.time()
+    with keep.open("wb") if keep else contextlib.nullcontext() as out:
+        async with asyncio.timeout(600):
+            while line := await proc.stderr.readline():
+                if out:
+                    out.write(line)
+                if b" synced: " in line:
+                    return time.time()
     raise RuntimeError("a poller ended before its first sync")
 
 
 async def _drain(stream: asyncio.StreamReader, keep: Path | None) -> None:
-    with keep.open("wb") if keep else contextlib.nullcontext() as out:
+    with keep.open("ab") if keep else contextlib.nullcontext() as out:
         while line := await stream.readline():
             if out:
                 out.write(line)
@@ -223,6 +227,6 @@ if __name__ == "__main__":
     p.add_argument("--cadence", type=int, default=CADENCE,
                    help="seconds; a shorter one gives a million jobs' ping rate with fewer")
     p.add_argument("--shared-buffers", default="2GB", help="the benchmark Postgres's")
-    p.add_argument("--logs", help="a folder to keep each poller's log in (after its first sync)")
+    p.add_argument("--logs", help="a folder to keep each poller's log in")
     a = p.parse_args()
     asyncio.run(main(a.jobs, a.pollers, a.window, a.cadence, a.shared_buffers, a.logs))
