@@ -232,7 +232,7 @@ class Scheduler:
         return self._policy.check(job.target_ip)
 
     def _push(self, due: float, state: JobState) -> None:
-        due = float(due) + 0.0  # a float object of this entry's own, never a shared one
+        due = due + 0.0  # a float object of this entry's own, never a shared one
         state.entry = due
         heapq.heappush(self._heap, (due, state))
 

@@ -230,8 +230,9 @@ class Service:
         came with the sync); the cursor is kept only once all of it is applied."""
         if changes.full:
             # Taken up page by page as they arrive: pings go on meanwhile.
-            await self.scheduler.replace(pages(lambda after: self.store.jobs_in_buckets(
-                buckets, after, self.settings.sync_page_size), changes))
+            async with self._heartbeats_meanwhile():
+                await self.scheduler.replace(pages(lambda after: self.store.jobs_in_buckets(
+                    buckets, after, self.settings.sync_page_size), changes))
             self._full_at = time.monotonic()
             self.metrics.full_syncs.inc()
         else:
@@ -247,7 +248,11 @@ class Service:
         others would take this replica's buckets (so their own buckets move, so they do a
         full read too) and every replica would end up pinging everything. A heartbeat-only
         sync each POLL_INTERVAL_MS reports the state applied so far, which is the truth:
-        what it serves is ignored (one job asked for, dropped)."""
+        what it serves is ignored (one job asked for, dropped). Without a fleet there is no
+        heartbeat to keep."""
+        if not self.settings.fleet_name:
+            yield
+            return
         task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         try:
             yield
@@ -367,11 +372,7 @@ class Service:
                          "the others are shared among them", ",".join(map(str, synced.live))
                          or "none", synced.failover_s)
                 self.live = synced.live
-            if synced.changes.full:
-                async with self._heartbeats_meanwhile():
-                    await self._take_up(synced.changes, synced.buckets)
-            else:
-                await self._take_up(synced.changes, synced.buckets)
+            await self._take_up(synced.changes, synced.buckets)
             self.applied = Applied(synced.epoch, synced.counts, synced.now)
             if self.leaving and synced.taken_over:
                 self.handed_over.set()

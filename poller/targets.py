@@ -12,10 +12,9 @@ slots are recorded as `system_error` so the app shows why.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable
 
-from .pingers import parse_ip
+from .pingers import canonical_ipv4, parse_ip
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -51,12 +50,8 @@ class TargetPolicy:
         """(address to ping, None) or (None, why it is refused)."""
         if target is None:
             return None, "the job has no target IP address"
-        try:
-            packed = socket.inet_pton(socket.AF_INET, target)
-        except (OSError, ValueError):
-            packed = b""
-        if packed and socket.inet_ntop(socket.AF_INET, packed) == target:
-            n = int.from_bytes(packed, "big")
+        n = canonical_ipv4(target)
+        if n is not None:
             for address, mask, net in self._deny4:
                 if n & mask == address:
                     return None, f"target {target!r} is in the denied network {net}"
