@@ -2,7 +2,9 @@
 
 These kernels have no netem, so delay is made in user space: the namespace's kernel echo is
 switched off (`net.ipv4.icmp_echo_ignore_all=1`) and this process answers each echo
-request after `delay ± jitter` ms (uniform).
+request `delay ± jitter` ms (uniform) after the kernel received it: the delay is counted
+from the kernel's receive timestamp, not from when this loop got round to the packet, so a
+burst of requests (or a busy machine) does not add its own wait to every answer.
 
     ip netns exec <ns> python -m tests.support.icmp_responder --delay-ms 20 --jitter-ms 5
 """
@@ -14,8 +16,9 @@ import asyncio
 import random
 import socket
 import struct
+import time
 
-from poller.pingers.icmp import _checksum
+from poller.pingers.icmp import _SO_TIMESTAMPNS, _checksum, _kernel_time
 
 
 def reply_for(packet: bytes) -> tuple[str, bytes] | None:
@@ -32,18 +35,21 @@ def reply_for(packet: bytes) -> tuple[str, bytes] | None:
 async def main(delay_ms: float, jitter_ms: float) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
     loop = asyncio.get_running_loop()
 
     def readable() -> None:
         while True:
             try:
-                packet = sock.recv(4096)
+                packet, ancdata, _, _ = sock.recvmsg(4096, 64)
             except BlockingIOError:
                 return
             answer = reply_for(packet)
             if answer is not None:
                 wait = random.uniform(delay_ms - jitter_ms, delay_ms + jitter_ms) / 1000
-                loop.call_later(wait, sock.sendto, answer[1], (answer[0], 0))
+                waited = (time.time_ns() - _kernel_time(ancdata)) / 1e9  # since it arrived
+                loop.call_at(loop.time() + wait - waited, sock.sendto, answer[1],
+                             (answer[0], 0))
 
     loop.add_reader(sock.fileno(), readable)
     print("ready", flush=True)
