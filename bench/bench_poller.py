@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from poller.localpg import LocalPostgres, free_port  # noqa: E402
 from poller.migrate import migrate  # noqa: E402
+from tests.support.tcp_proxy import RoundTripProxy  # noqa: E402
 
 CADENCE = 10
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -49,45 +50,6 @@ select coalesce(sum(greatest(0,
                               / j.cadence_seconds)) + 1)), 0)::bigint
 from jobs j where j.cadence_seconds >= 1 and j.duration_minutes >= 1
 """
-
-
-class RoundTripProxy:
-    """TCP proxy that counts request/response round trips from the client's side."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.round_trips = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        state = {"answered": True}
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: bool) -> None:
-            try:
-                while data := await src.read(65536):
-                    if client and state["answered"]:
-                        self.round_trips += 1
-                        state["answered"] = False
-                    elif not client:
-                        state["answered"] = True
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(cr, sw, True), pump(sr, cw, False))
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -19,6 +19,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 BUCKETS = 1024
 _MASK64 = (1 << 64) - 1
@@ -82,6 +83,34 @@ def owned_buckets_live(replica_id: int, replica_counts: Iterable[int],
     up = frozenset(live) | ({replica_id} if replica_id < max(counts) else set())
     return frozenset(b for b in range(BUCKETS)
                      if any(owner(b, n, up) == replica_id for n in counts))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A replica's last sync as the fleet sees it (the row in `poller_heartbeats`)."""
+
+    replica_id: int
+    age_s: float  # since that sync
+    leaving: bool = False
+    started_s: float | None = None  # since its process started (None: long ago, unknown)
+
+
+def live_replicas(size: int, beats: Iterable[Heartbeat], failover_s: float) -> frozenset[int]:
+    """The replicas of a fleet of `size` that count as live: synced within the failover
+    timeout and not leaving; and, while the fleet starts (every such replica's process
+    started within the timeout), every other replica of the topology except those leaving
+    now. A replica that does not come up within the timeout is then taken over, as one
+    that went silent would be; once a replica has run longer than the timeout the grace is
+    over for good, so a crash in a running fleet is taken over as before."""
+    beats = list(beats)
+    fresh = [b for b in beats if b.age_s <= failover_s and b.replica_id < size]
+    live = {b.replica_id for b in fresh if not b.leaving}
+    starting = bool(live) and all(b.started_s is not None and b.started_s <= failover_s
+                                  for b in fresh if not b.leaving)
+    if not starting:
+        return frozenset(live)
+    leaving = {b.replica_id for b in fresh if b.leaving}
+    return frozenset(r for r in range(size) if r not in leaving)
 
 
 def ordinal_from_hostname(hostname: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import uuid
 
 import asyncpg
@@ -171,3 +172,73 @@ async def test_sql_live_ownership_matches_python(conn: asyncpg.Connection) -> No
     for b in range(0, BUCKETS, 37):
         assert await conn.fetchval("select soundcheck_rendezvous($1, $2)", b,
                                    [0, 3, 5, 9]) == rendezvous(b, [0, 3, 5, 9])
+
+
+# Liveness: while a fleet starts, the replicas not seen yet count as live.
+from poller.partition import Heartbeat, live_replicas  # noqa: E402
+
+FAILOVER = 15.0
+beat_st = st.builds(
+    Heartbeat, st.integers(min_value=0, max_value=11),
+    st.sampled_from([0.0, 3.0, 14.0, 15.0, 16.0, 600.0]), st.booleans(),
+    st.one_of(st.none(), st.sampled_from([0.5, 10.0, 15.0, 16.0, 3600.0])))
+beats_st = st.lists(beat_st, max_size=12, unique_by=lambda b: b.replica_id)
+
+
+def _plain(size: int, beats: list[Heartbeat]) -> frozenset[int]:
+    """The rule without the start's grace: synced lately, not leaving, in the topology."""
+    return frozenset(b.replica_id for b in beats
+                     if b.age_s <= FAILOVER and not b.leaving and b.replica_id < size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts_st, beats_st)
+def test_liveness_adds_only_unseen_replicas_and_only_while_the_fleet_starts(
+        n: int, beats: list[Heartbeat]) -> None:
+    live = live_replicas(n, beats, FAILOVER)
+    plain = _plain(n, beats)
+    assert plain <= live <= frozenset(range(n))
+    # Never live: a replica leaving now.
+    assert not live & {b.replica_id for b in beats if b.leaving and b.age_s <= FAILOVER}
+    running = [b for b in beats if b.replica_id in plain]
+    if any(b.started_s is None or b.started_s > FAILOVER for b in running) or not plain:
+        assert live == plain  # a running fleet, or nobody up: as before
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts_st, st.data())
+def test_replicas_starting_together_each_ping_only_their_own_share(
+        n: int, data: st.DataObject) -> None:
+    # Any subset of the fleet up so far, each started within the timeout.
+    up = data.draw(st.frozensets(st.integers(min_value=0, max_value=n - 1), min_size=1))
+    beats = [Heartbeat(r, 0.0, started_s=data.draw(st.sampled_from([0.0, 5.0, 15.0])))
+             for r in up]
+    live = live_replicas(n, beats, FAILOVER)
+    assert live == frozenset(range(n))
+    for r in up:
+        assert owned_buckets_live(r, [n], live) == owned_buckets(r, [n])
+    # One timeout after the first start, the ones still missing are taken over.
+    later = [Heartbeat(b.replica_id, 0.0, started_s=FAILOVER + 1) for b in beats]
+    assert live_replicas(n, later, FAILOVER) == up
+
+
+async def test_sql_liveness_matches_python(conn: asyncpg.Connection) -> None:
+    rng = random.Random(12)
+    fleet = "soundcheck/live"
+    await conn.fetchval("select poller_publish_topology($1, '{6}')", fleet)
+    await conn.execute("select poller_set_failover($1, 15)", fleet)
+    for case in range(40):
+        beats = [Heartbeat(r, rng.choice([0.0, 10.0, 20.0, 600.0]), rng.random() < 0.2,
+                           rng.choice([None, 1.0, 10.0, 20.0, 3600.0]))
+                 for r in rng.sample(range(8), rng.randint(0, 8))]
+        async with conn.transaction():
+            await conn.execute("delete from poller_heartbeats where fleet = $1", fleet)
+            for b in beats:  # rows of running processes (applied_at set): as written
+                await conn.execute(
+                    "insert into poller_heartbeats (fleet, replica_id, counts, epoch, "
+                    "owned_jobs, version, seen_at, leaving_since, applied_at, started_at) "
+                    "values ($1, $2, '{6}', 1, 0, 'v', now() - make_interval(secs => $3), "
+                    "case when $4 then now() end, now(), now() - make_interval(secs => $5))",
+                    fleet, b.replica_id, b.age_s, b.leaving, b.started_s)
+            got = await conn.fetchval("select poller_live_replicas($1)", fleet)
+        assert frozenset(got) == live_replicas(6, beats, FAILOVER), (case, beats)

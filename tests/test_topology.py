@@ -8,12 +8,14 @@ import json
 import random
 import uuid
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 import pytest
 
 from poller.localpg import free_port
-from poller.partition import bucket, owns
+from poller.partition import bucket, owned_buckets, owned_buckets_live, owns
 from poller.service import Service
 from poller.settings import Settings
 from tests.conftest import DbEnv
@@ -159,3 +161,39 @@ async def test_pollers_follow_the_published_topology_without_restarting(
                 } == {(0, 3, (2,)), (1, 3, (2,))}
     finally:
         assert await a.stop() and await b.stop()
+
+
+async def test_a_starting_fleet_shares_its_buckets_from_the_first_sync(
+        conn: asyncpg.Connection) -> None:
+    """Before, the first replica up saw no other live, took every bucket and pinged every
+    job until its next sync (at a million jobs, minutes of overflowing buffers)."""
+    await publish(conn, [3])
+    await conn.execute("select poller_set_failover($1, 15)", FLEET)
+
+    async def sync(replica: int, applied_at: datetime | None) -> dict[str, Any]:
+        out = json.loads(await conn.fetchval(
+            "select poller_fleet_sync_live($1, $2, 1, '{3}', $3, false, 0, 'v', 1)",
+            FLEET, replica, applied_at))
+        return out  # type: ignore[no-any-return]
+
+    first = await sync(0, None)  # a new process: nothing applied yet
+    assert first["live"] == [0, 1, 2]  # 1 and 2 not seen yet, but expected
+    assert set(first["buckets"]) == owned_buckets(0, [3])
+    applied = datetime.fromisoformat(first["now"])
+    assert (await sync(1, None))["live"] == [0, 1, 2]
+    assert (await sync(0, applied))["live"] == [0, 1, 2]  # its start is kept once running
+    assert (await sync(1, applied))["live"] == [0, 1, 2]
+
+    # One failover timeout after the start, replica 2 still missing: taken over.
+    await conn.execute("update poller_heartbeats set started_at = started_at - "
+                       "interval '20 s' where fleet = $1", FLEET)
+    later = await sync(0, applied)
+    assert later["live"] == [0, 1]
+    assert set(later["buckets"]) == owned_buckets_live(0, [3], {0, 1})
+
+    # Replica 1 restarts in the running fleet: a new start, but no grace for replica 2.
+    assert (await sync(1, None))["live"] == [0, 1]
+    starts = dict(await conn.fetch(
+        "select replica_id, started_at > now() - interval '1 s' from poller_heartbeats "
+        "where fleet = $1", FLEET))
+    assert starts == {0: False, 1: True}

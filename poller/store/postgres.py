@@ -1,11 +1,10 @@
 """Direct Postgres transport (asyncpg).
 
-Safe behind a transaction-mode pooler (Supabase's, pgbouncer): by default no
-prepared-statement cache (`statement_cache_size=0`), no LISTEN, no session state; every
-call is one function call, atomic by itself, so no explicit transaction (and no extra
-BEGIN/COMMIT round trips). That costs two round trips per call (asyncpg prepares an
-unnamed statement, then executes it); `prepared_statements=True` caches named statements
-and needs one, for direct connections or poolers that support them.
+Safe behind a transaction-mode pooler (Supabase's, pgbouncer): by default no named
+prepared statements, no LISTEN, no session state; every call is one function call, atomic
+by itself, so no explicit transaction (and no extra BEGIN/COMMIT round trips), and one
+round trip (`_OneTripConnection`). `prepared_statements=True` caches named statements
+instead, for direct connections or poolers that keep them.
 """
 
 from __future__ import annotations
@@ -118,6 +117,47 @@ _UNAVAILABLE = (
 )
 
 
+class _OneTripConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg without a statement cache (the pooler-safe setting) spends two round trips
+    on each call: Parse+Describe to learn the types, then Parse+Bind+Execute (it parses the
+    unnamed statement again because a transaction-mode pooler may run the second flight on
+    another server connection). The store sends a handful of fixed queries whose types are
+    spelled out in their text, so the described statement is kept per connection and each
+    call is the second flight alone: one round trip, and still nothing named left in any
+    session. asyncpg has no public switch for this; it overrides `_get_statement`, the
+    one place asyncpg looks statements up, and `tests/test_store_roundtrips.py` counts
+    the round trips, so an asyncpg that changes it shows there (calls stay correct, at
+    two round trips)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._described: dict[tuple[object, ...], object] = {}
+
+    async def _get_statement(self, query: str, timeout: float | None, *,
+                             named: object = False, use_cache: bool = True,
+                             **kwargs: object) -> object:
+        if named or not use_cache or self._stmt_cache_enabled:
+            return await super()._get_statement(query, timeout, named=named,
+                                                use_cache=use_cache, **kwargs)
+        key = (query, *sorted(kwargs.items()))
+        statement = self._described.get(key)
+        if statement is None or statement.closed:
+            # Unnamed, and marked by asyncpg to be parsed again with each execution.
+            statement = await super()._get_statement(query, timeout, use_cache=use_cache,
+                                                     **kwargs)
+            if len(self._described) < _DESCRIBED_MAX:
+                self._described[key] = statement
+        return statement
+
+    def _drop_local_statement_cache(self) -> None:
+        # Types changed (ALTER TYPE, a reconnect's reload): describe again.
+        self._described.clear()
+        super()._drop_local_statement_cache()
+
+
+_DESCRIBED_MAX = 64  # the store's queries are a fixed handful; anything else is not kept
+
+
 async def _keep(conn: asyncpg.Connection) -> None:
     """Pool release hook: asyncpg's default reset costs a round trip per call (RESET ALL,
     UNLISTEN …); the poller keeps no session state, so there is nothing to reset."""
@@ -146,6 +186,7 @@ class PostgresStore:
             max_inactive_connection_lifetime=60,
             server_settings={"application_name": "soundcheck-poller"},
             reset=_keep,
+            connection_class=_OneTripConnection,
         )
 
     async def close(self) -> None:

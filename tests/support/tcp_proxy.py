@@ -1,6 +1,7 @@
-"""A TCP proxy in front of Postgres for one poller, that can cut it off like a network
-partition: while cut, connections are accepted but nothing passes (calls hang until the
-client's own timeout), and the connections open at the cut are dropped."""
+"""TCP proxies in front of Postgres: one that can cut a poller off like a network
+partition (while cut, connections are accepted but nothing passes, so calls hang until the
+client's own timeout, and the connections open at the cut are dropped), and one that
+counts round trips."""
 
 from __future__ import annotations
 
@@ -60,3 +61,42 @@ class CuttableProxy:
                 await writer.drain()
         writer.transport.abort()
         self._open.discard(writer)
+
+
+class RoundTripProxy:
+    """TCP proxy that counts request/response round trips from the client's side."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.round_trips = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        state = {"answered": True}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if client and state["answered"]:
+                        self.round_trips += 1
+                        state["answered"] = False
+                    elif not client:
+                        state["answered"] = True
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(cr, sw, True), pump(sr, cw, False))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
