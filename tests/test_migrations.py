@@ -156,3 +156,27 @@ def test_cli_unreachable_database_hides_the_password() -> None:
     assert proc.returncode == 1
     assert "hunter2" not in proc.stderr + proc.stdout
     assert "cannot reach the database" in proc.stderr
+
+
+async def test_the_poller_writes_sample_ids_in_time_order(conn: asyncpg.Connection) -> None:
+    """Migration 013: version 7 UUIDs whose first 48 bits are the ping's time in ms, so the
+    primary key's index grows at its right edge (random ids touch a random page each)."""
+    from datetime import UTC, datetime, timedelta
+    from uuid import UUID
+
+    from tests.support.db import add_jobs
+
+    [job] = await add_jobs(conn, ["127.0.0.1"])
+    start = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    times = [start + timedelta(milliseconds=250 * k) for k in range(8)]
+    await conn.fetchval(
+        "select poller_record_samples($1::uuid[], $2::int[], $3::text[], $4::float8[], "
+        "$5::float8[], $6::timestamptz[], '{}', 60)",
+        [job] * 8, list(range(8)), ["success"] * 8, [1.0] * 8, [None] * 8, times)
+    rows = await conn.fetch("select id, recorded_at from samples where job_id = $1 "
+                            "order by sequence_number", job)
+    ids = [UUID(str(r["id"])) for r in rows]
+    assert [i.version for i in ids] == [7] * 8
+    assert [i.variant for i in ids] == ["specified in RFC 4122"] * 8
+    assert [i.int >> 80 for i in ids] == [int(t.timestamp() * 1000) for t in times]
+    assert ids == sorted(ids) and len(set(ids)) == 8
