@@ -79,9 +79,14 @@ _FLEET_SQL = _with_head(
 
 
 def _jobs(rows: list[asyncpg.Record]) -> list[Job]:
-    """The job rows of a result (one with no job has one row of nulls)."""
-    return [Job(r["id"], r["target_ip"], r["cadence_seconds"], r["duration_minutes"],
-                r["started_at"], r["last_ping_at"]) for r in rows if r["id"] is not None]
+    """The job rows of a result (one with no job has one row of nulls).
+
+    Ids become plain `uuid.UUID`s: the scheduler keeps one per owned job as its key, and
+    asyncpg's own UUID, once hashed, keeps its bytes, its int and its hash (152 bytes
+    against 100: 50 MB more at a million jobs)."""
+    return [Job(UUID(int=r["id"].int), r["target_ip"], r["cadence_seconds"],
+                r["duration_minutes"], r["started_at"], r["last_ping_at"])
+            for r in rows if r["id"] is not None]
 
 
 def _changes(rows: list[asyncpg.Record]) -> Changes:
