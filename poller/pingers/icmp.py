@@ -93,7 +93,7 @@ class _Wait:
 
     __slots__ = ("deadline", "done", "fam", "key", "sent_ns")
 
-    def __init__(self, fam: _Family, key: tuple[str, int], done: Done, sent_ns: int,
+    def __init__(self, fam: _Family, key: tuple[bytes, int], done: Done, sent_ns: int,
                  deadline: float) -> None:
         self.fam, self.key, self.done, self.sent_ns, self.deadline = (
             fam, key, done, sent_ns, deadline)
@@ -104,13 +104,17 @@ class _Family:
 
     def __init__(self, version: int, sock: socket.socket, raw: bool) -> None:
         self.version = version
+        self.af = socket.AF_INET if version == 4 else socket.AF_INET6
         self.sock = sock
         self.raw = raw
         # Raw sockets see every echo reply on the host: ours carry this identifier.
         self.ident = os.getpid() & 0xFFFF if raw else 0
         self.request = _Requests(version, self.ident)
         self.seq = itertools.count()
-        self.waiting: dict[tuple[str, int], _Wait] = {}
+        # Keyed by (packed address, sequence): a reply's source and an error's quoted
+        # destination come as bytes or text in the kernel's own form, whatever the text
+        # the ping was asked for.
+        self.waiting: dict[tuple[bytes, int], _Wait] = {}
 
 
 def _open(version: int, kind: SocketKind) -> _Family:
@@ -190,25 +194,31 @@ class IcmpPinger:
         loop = self._loop
         if loop is None:
             raise RuntimeError("IcmpPinger.start() was not called")
-        parsed = parse_ip(ip)
-        if parsed is None:
-            loop.call_soon(done, system_error(f"invalid target address {ip!r}"))
-            return
-        version, target = parsed
+        try:
+            # Dotted-quad IPv4, nearly every target: one C call checks and packs it.
+            target, packed, version = ip, socket.inet_pton(socket.AF_INET, ip), 4
+        except (OSError, ValueError, TypeError):
+            parsed = parse_ip(ip)
+            if parsed is None:
+                loop.call_soon(done, system_error(f"invalid target address {ip!r}"))
+                return
+            version, target = parsed
+            packed = socket.inet_pton(socket.AF_INET if version == 4 else socket.AF_INET6,
+                                      target)
         fam = self._families.get(version)
         if fam is None:
             loop.call_soon(done, system_error(f"no ICMPv{version} socket"))
             return
         for _ in range(65536):
-            seq = next(fam.seq) & 0xFFFF
-            if (target, seq) not in fam.waiting:
+            key = (packed, next(fam.seq) & 0xFFFF)
+            if key not in fam.waiting:
                 break
         else:
             loop.call_soon(done, system_error("too many pings in flight"))
             return
         sent_ns = time.time_ns()
         try:
-            fam.sock.sendto(fam.request(seq), (target, 0))
+            fam.sock.sendto(fam.request(key[1]), (target, 0))
         except OSError as exc:
             if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
                 result = PingResult(SampleStatus.MISSED, None, UNREACHABLE_TEXT)
@@ -216,8 +226,8 @@ class IcmpPinger:
                 result = system_error(f"sendto failed: {exc.strerror}")
             loop.call_soon(done, result)
             return
-        wait = _Wait(fam, (target, seq), done, sent_ns, loop.time() + self._timeout)
-        fam.waiting[wait.key] = wait
+        wait = _Wait(fam, key, done, sent_ns, loop.time() + self._timeout)
+        fam.waiting[key] = wait
         self._deadlines.append(wait)
         if self._timer is None:
             self._timer = loop.call_at(wait.deadline, self._expire_due)
@@ -260,7 +270,12 @@ class IcmpPinger:
         if kind == _ECHO[fam.version][1]:
             if fam.raw and ident != fam.ident:
                 return  # another process's reply
-            wait = fam.waiting.pop((source.split("%", 1)[0], seq), None)
+            try:
+                key = (socket.inet_pton(fam.af, source.split("%", 1)[0] if fam.version == 6
+                                        else source), seq)
+            except OSError:
+                return
+            wait = fam.waiting.pop(key, None)
             if wait is not None:
                 # Floor of 1 µs: a success always has rtt > 0.
                 rtt_ms = max(received_ns - wait.sent_ns, 1_000) / 1e6
@@ -272,25 +287,23 @@ class IcmpPinger:
                 wait.done(PingResult(SampleStatus.MISSED, None, UNREACHABLE_TEXT))
 
 
-def _quoted_echo(fam: _Family, inner: bytes) -> tuple[str, int] | None:
-    """(destination, sequence) of our echo request quoted in an ICMP error, if it is ours."""
+def _quoted_echo(fam: _Family, inner: bytes) -> tuple[bytes, int] | None:
+    """(packed destination, sequence) of our echo request quoted in an ICMP error, if it
+    is ours."""
     if fam.version == 4:
         if len(inner) < 20:
             return None
-        dest = socket.inet_ntop(socket.AF_INET, inner[16:20])
+        dest = inner[16:20]
         inner = inner[(inner[0] & 0x0F) * 4:]
     else:
         if len(inner) < 40:
             return None
-        dest = socket.inet_ntop(socket.AF_INET6, inner[24:40])
+        dest = inner[24:40]
         inner = inner[40:]
     if len(inner) < 8:
         return None
     _, _, _, ident, seq = struct.unpack_from("!BBHHH", inner)
-    if ident != fam.ident:
-        return None
-    parsed = parse_ip(dest)
-    return (parsed[1], seq) if parsed else None
+    return (dest, seq) if ident == fam.ident else None
 
 
 def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> int:
