@@ -29,8 +29,10 @@ def test_demo_runs_and_removes_what_it_made() -> None:
     try:
         proc = subprocess.run(
             # Long enough for Prometheus' first scrape (discovery takes ~5 s), the offline
-            # alert (5 misses, one a second) and the short job's completion (~8 s in).
-            [sys.executable, "-m", "poller", "demo", "--duration", "15",
+            # alert (5 misses, one a second, each known after the 3 s ping timeout) and the
+            # short job's completion (~8 s in), with room for a slow start on a busy machine
+            # (at 15 s a full-suite run once ended before the alert).
+            [sys.executable, "-m", "poller", "demo", "--duration", "20",
              "--unreachable", host.absent_ip],
             capture_output=True, text=True, timeout=120)
     finally:

@@ -141,12 +141,13 @@ class _OneTripConnection(asyncpg.Connection):  # type: ignore[misc]
     async def _get_statement(self, query: str, timeout: float | None, *,
                              named: object = False, use_cache: bool = True,
                              **kwargs: object) -> object:
-        if named or not use_cache or self._stmt_cache_enabled:
+        # (An asyncpg without these internals gets its own behaviour: two round trips.)
+        if named or not use_cache or getattr(self, "_stmt_cache_enabled", True):
             return await super()._get_statement(query, timeout, named=named,
                                                 use_cache=use_cache, **kwargs)
         key = (query, *sorted(kwargs.items()))
         statement = self._described.get(key)
-        if statement is None or statement.closed:
+        if statement is None or getattr(statement, "closed", False):
             # Unnamed, and marked by asyncpg to be parsed again with each execution.
             statement = await super()._get_statement(query, timeout, use_cache=use_cache,
                                                      **kwargs)
