@@ -119,19 +119,12 @@ class Recorder:
             self._last_drop_log = now
 
     async def run(self) -> None:
-        """Write batches until cancelled: full ones at once, and every half flush interval
-        what was already waiting at the previous half (so no sample waits longer than the
-        interval). Only what has waited goes out partial: at a steady rate that fills a
-        batch within the interval, every write is a full batch (one round trip per
-        BATCH_SIZE samples), where flushing all that waits at each tick added a small
-        write per tick."""
+        """Write batches until cancelled."""
         backoff = 0.0
-        half = self._flush_interval / 2
-        next_tick = time.monotonic() + half
-        mark = self._head  # where the buffer ended at the last tick
+        next_interval = time.monotonic() + self._flush_interval
         while True:
             self.heartbeat = time.monotonic()
-            wait = backoff if backoff else max(0.0, next_tick - time.monotonic())
+            wait = backoff if backoff else max(0.0, next_interval - time.monotonic())
             if not backoff:
                 try:
                     async with asyncio.timeout(wait):
@@ -141,32 +134,23 @@ class Recorder:
             else:
                 await asyncio.sleep(wait)
             self._full.clear()
-            goal: int | None = None
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + half
-                goal, mark = mark, self._end
-            if backoff:
-                goal = self._end  # a retry: everything
-            ok = await self._flush(goal)
+            interval_due = time.monotonic() >= next_interval
+            if interval_due:
+                next_interval = time.monotonic() + self._flush_interval
+            ok = await self._flush(partial=interval_due or bool(backoff))
             backoff = 0.0 if ok else min(max(backoff * 2, _FIRST_BACKOFF_S), self._max_backoff)
 
-    @property
-    def _end(self) -> int:
-        """The position after the last sample accepted (positions count every sample)."""
-        return self._head + len(self._buffer)
-
-    async def _flush(self, goal: int | None) -> bool:
-        """Write full batches, and with a `goal` every sample before that position (and
-        the completions due by then).
+    async def _flush(self, *, partial: bool) -> bool:
+        """Write full batches, and with `partial` everything accepted before this call.
 
         Samples arriving during the writes wait for the next round unless they fill a
         batch: otherwise a steady trickle would turn into a chain of tiny writes.
         """
-        end = self._head if goal is None else goal
+        goal = self._head + len(self._buffer) if partial else self._head
         while (
             len(self._buffer) >= self._batch_size
-            or self._head < end
-            or (goal is not None and any(pos <= end for pos in self._completions.values()))
+            or self._head < goal
+            or (partial and any(pos <= goal for pos in self._completions.values()))
         ):
             sent = await self._write_one()
             if sent is None:
@@ -260,7 +244,7 @@ class Recorder:
                 break
             try:
                 async with asyncio.timeout(remaining):
-                    if await self._flush(self._end):
+                    if await self._flush(partial=True):
                         break
             except TimeoutError:
                 self._note_drops(self._drops_in_write)

@@ -58,27 +58,6 @@ async def test_partial_batch_goes_out_on_the_interval() -> None:
     task.cancel()
 
 
-async def test_a_steady_stream_is_written_in_full_batches_only() -> None:
-    """Only what has waited half the flush interval goes out partial: a stream that fills
-    a batch well within the interval is written one full batch per call (one round trip
-    per BATCH_SIZE samples). Flushing whatever waited at each interval added a small
-    write per interval."""
-    store = MemoryStore()
-    rec, _ = make(store, batch_size=12, flush_interval_s=1.0)
-    task = asyncio.create_task(rec.run())
-    job = uuid4()
-    # 7 samples every 50 ms for 1.2 s: a batch every ~85 ms, and at the 1 s tick a few
-    # samples waiting (7·k is not a multiple of 12 near k = 20).
-    for k in range(24 * 7):
-        rec.add(sample(job, k))
-        if k % 7 == 6:
-            await asyncio.sleep(0.05)  # pacing the stream, not waiting for the recorder
-    assert store.calls and all(n == 12 for n, _ in store.calls)
-    await written(store, 24 * 7)  # the rest within the interval
-    assert sorted(k for _, k in store.rows) == list(range(24 * 7))
-    task.cancel()
-
-
 async def test_outage_keeps_everything_and_retries() -> None:
     store = MemoryStore()
     store.down = True
@@ -122,14 +101,14 @@ async def test_drops_while_a_write_is_out_do_not_pop_newer_samples() -> None:
     job = uuid4()
     for k in range(4):
         rec.add(sample(job, k))
-    write = asyncio.create_task(rec._flush(rec._end))
+    write = asyncio.create_task(rec._flush(partial=True))
     await asyncio.sleep(0)  # the first batch (0..3) is now out
     for k in range(4, 9):  # 9 accepted, bound 6: 0, 1, 2 dropped meanwhile
         rec.add(sample(job, k))
     release.set()
     assert await write  # 0..3, then the full batch 4..7; 8 waits for the next round
     assert rec.buffered == 1
-    assert await rec._flush(rec._end)
+    assert await rec._flush(partial=True)
     assert sorted(k for _, k in store.rows) == list(range(9))
     assert rec.buffered == 0
 
