@@ -59,9 +59,6 @@ class FastCounter(Collector):
         self.counts = dict.fromkeys(values, 0)  # incremented in place by the hot path
         registry.register(self)
 
-    def inc(self, value: str) -> None:
-        self.counts[value] += 1
-
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self._name, self._doc, labels=[self._label])
         for value, count in self.counts.items():
