@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -37,7 +36,7 @@ JOBS = 1000
 
 async def record(store: Store, jobs: list, total: int, batch: int, seq0: int) -> float:
     """Write `total` samples in batches; returns samples per second."""
-    now = datetime.now(UTC)
+    now = time.time()
     samples = [Sample(jobs[i % JOBS], seq0 + i // JOBS, SampleStatus.SUCCESS, 1.25, 0.5, now)
                for i in range(total)]
     start = time.perf_counter()

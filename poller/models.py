@@ -62,7 +62,9 @@ class Sample(NamedTuple):
     status: SampleStatus
     rtt_ms: float | None
     jitter_ms: float | None
-    recorded_at: datetime  # when the ping was made, not when the batch was written
+    # When the ping was made (not when the batch was written), as Unix seconds: a float
+    # per ping where a datetime cost 0.5 us to make and asyncpg 1.3 us more to encode.
+    recorded_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from .metrics import Metrics
 from .models import MAX_RTT_MS, Sample, SampleStatus
@@ -181,8 +180,7 @@ class Prober:
         if status is SampleStatus.SYSTEM_ERROR:
             log.debug("job %s slot %d: system_error: %s", state.id, slot, result.detail)
         # job_id, sequence_number, status, rtt_ms, jitter_ms, recorded_at
-        self._recorder.add(Sample(state.id, slot, status, rtt, jitter,
-                                  datetime.fromtimestamp(started, UTC)))
+        self._recorder.add(Sample(state.id, slot, status, rtt, jitter, started))
         state.in_flight -= 1
         if state.in_flight == 0 and state.complete_when_idle:
             state.complete_when_idle = False

@@ -17,7 +17,7 @@ from poller.models import Sample, SampleStatus
 from poller.recorder import Recorder
 from tests.support.fakes import MemoryStore
 
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
+NOW = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 
 def sample(job: UUID, seq: int) -> Sample:

@@ -286,7 +286,7 @@ async def test_a_value_the_database_rejects_is_set_aside_on_both_transports(
     rec = Recorder(store, metrics, batch_size=50, flush_interval_s=0.05, max_buffered=1000,
                    max_backoff_s=0.1)
     task = asyncio.create_task(rec.run())
-    now = datetime.now(UTC)
+    now = time.time()
     try:
         for k in range(50):
             rec.add(Sample(job, k, SampleStatus.SUCCESS, 1e9 if k == 17 else 1.5, None, now))

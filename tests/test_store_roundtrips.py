@@ -7,8 +7,8 @@ statement each time."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -44,7 +44,7 @@ async def test_each_call_is_one_round_trip(conn: asyncpg.Connection, prepared: b
     await conn.fetchval("select poller_publish_topology($1, '{1}')", FLEET)
     store = PostgresStore(via_proxy, timeout_s=5.0, pool_size=1, prepared_statements=prepared)
     await store.open()
-    now = datetime.now(UTC)
+    now = time.time()
     calls = {
         "record_batch": lambda seq: store.record_batch(
             [Sample(job, seq, SampleStatus.SUCCESS, 1.5, None, now)], []),

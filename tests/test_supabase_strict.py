@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -19,6 +20,7 @@ from poller.service import Service
 from poller.settings import Settings
 from poller.store import API_VERSION, StoreMisconfigured
 from poller.store.postgres import PostgresStore
+from poller.store.supabase import SupabaseStore
 from tests.conftest import JWT_SECRET, SERVICE_ROLE_KEY
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
@@ -130,8 +132,7 @@ async def test_an_invalid_unique_index_is_refused_then_rebuilt(
     store = PostgresStore(dsn, 5)
     await store.open()
     try:
-        sample = Sample(job, 0, SampleStatus.MISSED, None, None,
-                        await conn.fetchval("select now()"))
+        sample = Sample(job, 0, SampleStatus.MISSED, None, None, time.time())
         with pytest.raises(StoreMisconfigured, match="python -m poller migrate"):
             await store.record_batch([sample], [])
         await conn.execute("delete from soundcheck_migrations where version = 5")
@@ -193,3 +194,27 @@ async def test_migration_stops_with_a_hint_rather_than_queue_behind_a_lock(
     finally:
         await holder.close()
         await app.close()
+
+
+@pytest.mark.parametrize("transport", ["postgres", "supabase"])
+async def test_each_store_writes_the_ping_times_it_was_given(
+        conn: asyncpg.Connection, dsn: str, rest: PostgrestStandIn, transport: str) -> None:
+    # Unix seconds in (the pipeline's float), timestamptz out, to the microsecond, each on
+    # its own sample whatever the order of the batch.
+    [job] = await add_jobs(conn, ["127.0.0.1"])
+    times = {0: 1_764_700_000.123456, 1: 1_764_700_001.000001, 2: 1_764_699_999.5,
+             3: 1_764_700_000.999999}
+    samples = [Sample(job, k, SampleStatus.SUCCESS, 1.25, None, times[k]) for k in (2, 0, 3, 1)]
+    store: PostgresStore | SupabaseStore = (
+        PostgresStore(dsn, 5) if transport == "postgres"
+        else SupabaseStore(rest.url, SERVICE_ROLE_KEY, 5))
+    await store.open()
+    try:
+        assert (await store.record_batch(samples, [])).inserted == 4
+    finally:
+        await store.close()
+    rows = await conn.fetch("select sequence_number, recorded_at from samples "
+                            "where job_id = $1", job)
+    assert len(rows) == 4
+    for r in rows:
+        assert abs(r["recorded_at"].timestamp() - times[r["sequence_number"]]) <= 1e-6, r

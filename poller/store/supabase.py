@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -186,7 +187,8 @@ class SupabaseStore:
             "p_statuses": [s.status.value for s in samples],
             "p_rtt_ms": [s.rtt_ms for s in samples],
             "p_jitter_ms": [s.jitter_ms for s in samples],
-            "p_recorded_at": [s.recorded_at.isoformat() for s in samples],
+            "p_recorded_at": [datetime.fromtimestamp(s.recorded_at, UTC).isoformat()
+                              for s in samples],
             "p_complete_job_ids": [str(j) for j in complete_job_ids],
             "p_settle_s": self._settle_s,
         })
