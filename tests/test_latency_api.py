@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
+from aiohttp import web
 
 from poller.localpg import free_port
 from poller.metrics import Metrics
@@ -167,6 +168,38 @@ async def test_group_and_address_are_encoded_in_the_path(standin: LatencyStandIn
     finally:
         await pinger.close()
     assert standin.requests["::1"] == 1
+
+
+async def test_requests_go_under_the_base_urls_path() -> None:
+    # An API behind a path prefix (a gateway route): every request keeps the prefix, the
+    # group and an IPv6 address arrive percent-encoded, IPv4 as it is.
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"elapsed": 1.5, "error": None, "success": True,
+                                  "rtt_ms": 1.5})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        for route in ("latency", "ping"):
+            pinger = LatencyApiPinger(f"http://127.0.0.1:{port}/gw/v%201/",
+                                      route=route, group="Sound Check")  # type: ignore[arg-type]
+            await pinger.start()
+            try:
+                for ip in ("127.0.0.1", "::1"):
+                    assert (await ping(pinger, ip)).status is S
+            finally:
+                await pinger.close()
+    finally:
+        await runner.cleanup()
+    assert seen == ["/gw/v%201/latency/Sound%20Check/127.0.0.1/",
+                    "/gw/v%201/latency/Sound%20Check/%3A%3A1/", "/gw/v%201/ping", "/gw/v%201/ping"]
 
 
 async def test_prober_bounds_requests_in_flight(standin: LatencyStandIn) -> None:
