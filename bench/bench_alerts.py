@@ -11,7 +11,11 @@ of the jobs going offline and recovering in turn, so transitions happen.
 Printed per 1,000 samples: database time (wall time of the calls on a loopback
 connection) and the backend's CPU time (from /proc), for both, and their ratio.
 
-    python bench/bench_alerts.py [--jobs 5000] [--rounds 30] [--batch 1000]
+With --held N, each job's samples start at slot N: slots 0..N-1 have no sample and are
+not settled (ALERT_SETTLE_S, 60 s), so every job is held behind a hole for the whole run,
+as a replica's jobs are after a restart or a takeover.
+
+    python bench/bench_alerts.py [--jobs 5000] [--rounds 30] [--batch 1000] [--held 2]
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _status(job: int, k: int, rng: random.Random) -> str:
     return "success" if r < 0.95 else "missed" if r < 0.99 else "system_error"
 
 
-async def main(jobs: int, rounds: int, batch: int) -> None:
+async def main(jobs: int, rounds: int, batch: int, held: int) -> None:
     with LocalPostgres() as pg:
         await migrate(pg.dsn)
         setup = await asyncpg.connect(pg.dsn)
@@ -67,13 +71,13 @@ async def main(jobs: int, rounds: int, batch: int) -> None:
         cpu = dict.fromkeys(CALLS, 0.0)
         rng = random.Random(1)
         for k in range(rounds):
-            at = started + timedelta(seconds=k)
+            at = started + timedelta(seconds=held + k)
             for name, sql in (CALLS.items() if k % 2 == 0 else reversed(CALLS.items())):
                 ids = sets[name]
                 statuses = [_status(i, k, rng) for i in range(jobs)]
                 for lo in range(0, jobs, batch):
                     part = range(lo, min(jobs, lo + batch))
-                    args = ([ids[i] for i in part], [k] * len(part),
+                    args = ([ids[i] for i in part], [held + k] * len(part),
                             [statuses[i] for i in part],
                             [1.5 if statuses[i] == "success" else None for i in part],
                             [None] * len(part), [at] * len(part))
@@ -87,7 +91,8 @@ async def main(jobs: int, rounds: int, batch: int) -> None:
             await c.close()
     per_k = 1000 / (jobs * rounds)
     base, new = "without alerts", "with alerts"
-    print(f"{jobs} jobs, {rounds} rounds, batches of {batch}; {alerts} alerts raised")
+    print(f"{jobs} jobs, {rounds} rounds, batches of {batch}"
+          f"{f', held behind {held} missing slots' if held else ''}; {alerts} alerts raised")
     for name in CALLS:
         print(f"  {name:<15} database time {wall[name] * per_k * 1000:6.2f} ms, backend CPU "
               f"{cpu[name] * per_k * 1000:6.2f} ms per 1,000 samples")
@@ -100,5 +105,7 @@ if __name__ == "__main__":
     p.add_argument("--jobs", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--held", type=int, default=0,
+                   help="missing, unsettled slots before each job's first sample")
     a = p.parse_args()
-    asyncio.run(main(a.jobs, a.rounds, a.batch))
+    asyncio.run(main(a.jobs, a.rounds, a.batch, a.held))

@@ -167,6 +167,45 @@ async def test_a_hole_waits_for_its_sample_then_counts_as_a_gap(
     assert await _alerts(conn, job, old) == [("offline", 5)]
 
 
+async def test_a_job_held_by_a_hole_costs_a_probe_not_a_read_of_its_samples(
+        conn: asyncpg.Connection) -> None:
+    # Slot 0 has no sample and is not settled: nothing past it can be evaluated, however
+    # many samples wait there (migration 015). The general evaluation read them all again
+    # for each batch; the job is now passed over after one probe for slot 0.
+    started = datetime.now(UTC) - timedelta(seconds=2)
+    job = await _job(conn, started)
+    statuses: list[str | None] = [None, *["success"] * 3000]
+    await _write(conn, job, started, statuses, range(1, 3001))
+    assert await conn.fetchval("select poller_alert_seq from jobs where id = $1", job) == -1
+
+    async def samples_read() -> int:
+        # This backend's counts, flushed at the end of the first statement and read
+        # fresh by the second.
+        await conn.execute("set stats_fetch_consistency = none; "
+                           "select pg_stat_force_next_flush()")
+        return int(await conn.fetchval(
+            "select coalesce(sum(seq_tup_read), 0) + coalesce(sum(idx_tup_fetch), 0) "
+            "from pg_stat_user_tables where relname = 'samples'"))
+
+    async def evaluate(fn: str) -> tuple[dict[str, object], int]:
+        """The answer and how many samples the call read."""
+        before = await samples_read()
+        answer = json.loads(await conn.fetchval(
+            f"select {fn}($1::uuid[], null, 3600, false)", [job]))
+        return answer, await samples_read() - before
+
+    held, held_read = await evaluate("soundcheck_evaluate_alerts")
+    full, full_read = await evaluate("soundcheck_evaluate_alerts_all")
+    assert held == full == {"retry": [], "offline": 0, "recovery": 0, "alerts": 0}
+    assert (held_read, full_read) == (0, 3000)
+    # Filled, the hole lets the evaluation through: by the job's next batch, the cursor is
+    # past every sample.
+    statuses += ["success"]
+    await _write(conn, job, started, ["success"], [0])
+    await _write(conn, job, started, statuses, [3001])
+    assert await conn.fetchval("select poller_alert_seq from jobs where id = $1", job) == 3001
+
+
 async def test_alert_flags_decide_the_rows_not_the_state(conn: asyncpg.Connection) -> None:
     started = datetime.now(UTC) - timedelta(seconds=2)
     job = await _job(conn, started, on_offline=False, on_recovery=True)
