@@ -5,7 +5,9 @@
    CPU from the kernel's child rusage). Ratio pinger / fping.
 2. The whole poller pipeline (schedule → ping → record into Postgres): one poller process
    with PING_BACKEND=icmp over jobs at a 1 s cadence, at each --pipeline rate (2,000 and
-   15,000 pings/s); CPU of the poller process per 1,000 pings, ratio against fping.
+   15,000 pings/s); CPU of the poller process per 1,000 pings, ratio against fping in a
+   burst (its floor) and against fping paced at the same rate over as many targets
+   (`-c N -p 1000 -i 1000/rate`: each target once a second, as the pipeline pings).
 3. The most pings per second one poller process sustains with every slot recorded and
    p99 lateness under 10 ms: a ladder of job counts at a 1 s cadence.
 Beside them, the CPU a bare wake-up from a 2 ms sleep costs on this machine: the floor
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -41,7 +44,13 @@ from poller.models import SampleStatus  # noqa: E402
 from poller.pingers import PingResult  # noqa: E402
 from poller.pingers.icmp import IcmpPinger  # noqa: E402
 
-TARGETS = [f"127.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(1, 5001)]
+
+def _targets(n: int) -> list[str]:
+    """The addresses `bench_poller.seed` gives n jobs."""
+    return [f"127.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(1, n + 1)]
+
+
+TARGETS = _targets(5000)
 
 
 async def pinger_alone(rounds: int, window: int = 500) -> tuple[float, int, int]:
@@ -99,6 +108,28 @@ def fping_cpu(rounds: int) -> tuple[float, int]:
     return cpu, len(TARGETS) * rounds
 
 
+def fping_paced(rate: int, rounds: int) -> tuple[float, int, float]:
+    """(CPU seconds, pings sent, wall seconds) of fping pinging `rate` targets once a
+    second each (`-p 1000`, sends `1000 / rate` ms apart) for `rounds` seconds: the
+    pipeline's load at `rate`, paced as the pipeline is, where `fping_cpu` sends in a
+    burst. fping then pays for its own wake-ups, as the pipeline does."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write("\n".join(_targets(rate)))
+        f.flush()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        out = subprocess.run(["fping", "-q", "-c", str(rounds), "-p", "1000",
+                              "-i", f"{1000 / rate:.4f}", "-f", f.name],
+                             capture_output=True, text=True, check=False,
+                             timeout=rounds * 20 + 60)
+        wall = time.monotonic() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # With -q, one line per target: "<ip> : xmt/rcv/%loss = 10/10/0%, …"
+    sent = sum(int(m) for m in re.findall(r"xmt/rcv/%loss = (\d+)/", out.stderr))
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, sent, wall
+
+
 async def main(args: argparse.Namespace) -> None:
     if shutil.which("fping") is None:
         sys.exit("fping is not installed (Debian: apt-get install fping)")
@@ -119,7 +150,13 @@ async def main(args: argparse.Namespace) -> None:
             r = await measure(pg, rate, 1, env, args.window)
             print(f"pipeline at {rate}/s: {r.recorded:>7} pings  {r.cpu_per_1k:.4f} CPU-s per "
                   f"1k  (every slot recorded: {r.recorded == r.due}, p99 lateness "
-                  f"{r.p99_ms:.1f} ms)  ratio {r.cpu_per_1k / f1k:.2f}x fping")
+                  f"{r.p99_ms:.1f} ms)  ratio {r.cpu_per_1k / f1k:.2f}x fping in a burst")
+            cpu, sent, wall = fping_paced(rate, args.paced_rounds)
+            paced = cpu / max(sent, 1) * 1000
+            print(f"  fping paced at {rate}/s: {sent:>7} pings in {wall:.1f}s (asked: "
+                  f"{args.paced_rounds}s and its wait for the last replies)  {paced:.4f} CPU-s "
+                  f"per 1k  pipeline ratio {r.cpu_per_1k / paced:.2f}x fping at the same rate",
+                  flush=True)
         print("\nladder at 1 s cadence (pings/s = jobs):")
         print(f"{'jobs':>7} {'due':>7} {'recorded':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'CPU s/1k':>8}  held (p99 < 10 ms, all recorded)")
@@ -142,4 +179,6 @@ if __name__ == "__main__":
                         help="pings/s (jobs at a 1 s cadence) of the pipeline-vs-fping runs")
     parser.add_argument("--ladder", type=int, nargs="+", default=[15000, 20000, 30000])
     parser.add_argument("--window", type=float, default=15.0)
+    parser.add_argument("--paced-rounds", type=int, default=10,
+                        help="seconds of paced fping at each --pipeline rate")
     asyncio.run(main(parser.parse_args()))
