@@ -43,6 +43,7 @@ _ICMP6_FILTER = 1
 _RCVBUF = 8 * 1024 * 1024
 _EXPIRY_TICK_S = 0.1
 _PAYLOAD = b"soundcheck-ping"  # 15 bytes, plus 1 of padding below: 16-byte payload
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}  # IP version → address family
 _ECHO = {4: (8, 0), 6: (128, 129)}  # family → (echo request type, echo reply type)
 _UNREACHABLE = {4: 3, 6: 1}
 
@@ -104,7 +105,7 @@ class _Family:
 
     def __init__(self, version: int, sock: socket.socket, raw: bool) -> None:
         self.version = version
-        self.af = socket.AF_INET if version == 4 else socket.AF_INET6
+        self.af = _AF[version]
         self.sock = sock
         self.raw = raw
         # Raw sockets see every echo reply on the host: ours carry this identifier.
@@ -118,7 +119,7 @@ class _Family:
 
 
 def _open(version: int, kind: SocketKind) -> _Family:
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    family = _AF[version]
     proto = socket.IPPROTO_ICMP if version == 4 else socket.IPPROTO_ICMPV6
     errors = []
     for raw in ([False, True] if kind == "auto" else [kind == "raw"]):
@@ -203,8 +204,7 @@ class IcmpPinger:
                 loop.call_soon(done, system_error(f"invalid target address {ip!r}"))
                 return
             version, target = parsed
-            packed = socket.inet_pton(socket.AF_INET if version == 4 else socket.AF_INET6,
-                                      target)
+            packed = socket.inet_pton(_AF[version], target)
         fam = self._families.get(version)
         if fam is None:
             loop.call_soon(done, system_error(f"no ICMPv{version} socket"))

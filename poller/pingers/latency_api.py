@@ -91,13 +91,12 @@ class LatencyApiPinger:
         timeout_s: float = 10.0,
         concurrency: int = 50,
     ) -> None:
-        self._base = base_url.rstrip("/")
         self._route = route
         self._group = quote(group, safe="")
         # Request URLs are made from this parsed base and an already-encoded path: yarl
         # parsing and quoting a whole URL string costs 6 us per request (each target's URL
         # differs, so its cache misses), with_path(encoded=True) 1 us.
-        base = URL(self._base)
+        base = URL(base_url)
         self._base_url, self._base_path = base.with_path("/"), base.raw_path.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._concurrency = concurrency
