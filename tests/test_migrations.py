@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from poller.localpg import LocalPostgres
 from poller.migrate import MigrationError, migrate, migrations
 from poller.store import API_VERSION
+from tests.support.db import RECORD_SAMPLES, add_jobs
 
 APP_SCHEMA = (Path(__file__).parent / "sql" / "app_schema.sql").read_text()
 
@@ -161,11 +164,6 @@ def test_cli_unreachable_database_hides_the_password() -> None:
 async def test_the_poller_writes_sample_ids_in_time_order(conn: asyncpg.Connection) -> None:
     """Migration 013: version 7 UUIDs whose first 48 bits are the ping's time in ms, so the
     primary key's index grows at its right edge (random ids touch a random page each)."""
-    from datetime import UTC, datetime, timedelta
-    from uuid import UUID
-
-    from tests.support.db import add_jobs
-
     [job] = await add_jobs(conn, ["127.0.0.1"])
     start = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     times = [start + timedelta(milliseconds=250 * k) for k in range(8)]
@@ -186,10 +184,6 @@ async def test_jobs_keep_room_for_the_pollers_updates(conn: asyncpg.Connection) 
     # Migration 016: each batch moves every written job's row; with room on its page the
     # new version is a HOT update (no new index entries, the table does not grow). The
     # hard case: all jobs of a page in one batch (jobs created together).
-    from datetime import UTC, datetime
-
-    from tests.support.db import RECORD_SAMPLES, add_jobs
-
     assert await conn.fetchval(
         "select reloptions from pg_class where oid = 'jobs'::regclass") == ["fillfactor=80"]
     jobs = await add_jobs(conn, [f"127.0.{i // 250}.{i % 250 + 1}" for i in range(3000)])
