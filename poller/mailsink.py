@@ -11,7 +11,12 @@ import ssl
 from email.message import EmailMessage
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+try:
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+except ModuleNotFoundError as exc:  # an optional dependency: say which extra brings it
+    raise ModuleNotFoundError(
+        "poller.mailsink needs aiosmtpd: pip install 'soundcheck-poller[demo]'",
+        name=exc.name) from None
 
 from .progress import Progress
 

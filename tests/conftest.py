@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 from poller.localpg import LocalPostgres, free_port
 from poller.sidecar import serve
 from tests.support import report
+from tests.support.control_plane import ControlPlane, find_binaries
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn, make_jwt, migrate_like_supabase
 
@@ -153,3 +155,19 @@ async def sidecar() -> AsyncIterator[str]:
     yield url
     stop.set()
     await task
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """A real kube-apiserver + controller-manager + etcd (tests/support/control_plane.py)."""
+    binaries, why = find_binaries()
+    if not binaries:
+        pytest.skip(why)
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not on the PATH")
+    plane = ControlPlane(binaries)
+    try:
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()

@@ -3,8 +3,10 @@ operator renders, the example fleet against the CRD's own schema, and the Docker
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -119,19 +121,58 @@ def test_dockerfile_is_hadolint_clean(dockerfile: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.poller", "Dockerfile.operator"])
-def test_image_installs_from_the_lock_and_runs_as_non_root(dockerfile: str) -> None:
+@pytest.mark.parametrize(("dockerfile", "lock"), [("Dockerfile.poller", "requirements.lock"),
+                                                  ("Dockerfile.operator",
+                                                   "requirements-operator.lock")])
+def test_image_installs_from_its_hashed_lock_and_runs_as_non_root(dockerfile: str,
+                                                                  lock: str) -> None:
     text = (ROOT / dockerfile).read_text()
-    assert "--requirement requirements.lock" in text
+    assert f"--require-hashes --requirement {lock}" in text
+    # The dependency layer comes before the source is copied in: a source change reuses it.
+    assert text.index(f"--requirement {lock}") < text.index("COPY poller")
     final = text.rsplit("FROM ", 1)[1]
     assert "USER 10001:0" in final and "pip install" not in final  # no build steps there
+    # One pinned base for both stages, by digest.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}$",
+                     text, re.M)
+    assert text.count("FROM ${BASE_IMAGE}") == 2
 
 
-def test_lock_pins_every_runtime_dependency() -> None:
-    lines = [ln for ln in (ROOT / "requirements.lock").read_text().splitlines()
-             if ln and not ln.startswith("#")]
-    assert all("==" in ln for ln in lines), [ln for ln in lines if "==" not in ln]
-    pinned = {ln.split("==")[0].lower().replace("_", "-") for ln in lines}
-    for needed in ("aiohttp", "asyncpg", "pydantic", "pydantic-settings", "prometheus-client",
-                   "supabase", "kopf", "kubernetes"):
-        assert needed in pinned, needed
+def locked(lock: str) -> dict[str, list[str]]:
+    """A hashed lock file: name -> its hashes."""
+    pins: dict[str, list[str]] = {}
+    name = ""
+    for line in (ROOT / lock).read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("--hash=sha256:"):
+            pins[name].append(stripped.removeprefix("--hash=sha256:").rstrip(" \\"))
+            continue
+        assert "==" in stripped, f"{lock}: not pinned: {stripped}"
+        name = stripped.split("==")[0].lower().replace("_", "-")
+        pins[name] = []
+    return pins
+
+
+@pytest.mark.parametrize(("lock", "needed"), [
+    ("requirements.lock", {"aiohttp", "asyncpg", "pydantic", "pydantic-settings",
+                           "prometheus-client", "supabase"}),
+    ("requirements-operator.lock", {"aiohttp", "asyncpg", "supabase", "kopf", "kubernetes"}),
+    ("requirements-build.lock", {"setuptools"}),
+])
+def test_lock_pins_and_hashes_every_dependency(lock: str, needed: set[str]) -> None:
+    pins = locked(lock)
+    assert needed <= pins.keys(), needed - pins.keys()
+    assert all(pins.values()), [n for n, hashes in pins.items() if not hashes]
+
+
+def test_poller_lock_leaves_the_operator_libraries_out() -> None:
+    assert not {"kopf", "kubernetes"} & locked("requirements.lock").keys()
+
+
+def test_build_backend_is_pinned_alike_in_pyproject_and_the_lock() -> None:
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    (pin,) = re.findall(r"^(setuptools==\S+)", (ROOT / "requirements-build.lock").read_text(),
+                        re.M)
+    assert requires == [pin]

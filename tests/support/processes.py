@@ -15,7 +15,10 @@ from poller.progress import Progress
 
 
 class PollerProcess:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], python: str = sys.executable,
+                 cwd: str | None = None) -> None:
+        """`python` runs the poller (another venv's, to test an installed copy), in `cwd`."""
+        self.python, self.cwd = python, cwd
         self.port = free_port()
         base = {k: v for k, v in os.environ.items()
                 if k not in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")}
@@ -27,7 +30,7 @@ class PollerProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "poller", env=self.env,
+            self.python, "-m", "poller", env=self.env, cwd=self.cwd,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self._reader = asyncio.create_task(self._read())
 
