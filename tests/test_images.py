@@ -195,13 +195,13 @@ async def operator_namespace(control_plane: ControlPlane,
     the test's own, and a kubeconfig holding the operator ServiceAccount's token."""
     ns = f"img-{uuid.uuid4().hex[:6]}"
     kubectl = ["kubectl", "--kubeconfig", str(control_plane.kubeconfig)]
-    (tmp_path / "kustomization.yaml").write_text(
-        f"namespace: {ns}\nresources: [{os.path.relpath(ROOT / 'manifests', tmp_path)}]\n"
-        # No node runs the Deployment's pod here: the test runs the image itself.
-        "patches:\n- target: {kind: Deployment}\n"
-        "  patch: '[{\"op\": \"replace\", \"path\": \"/spec/replicas\", \"value\": 0}]'\n")
 
     def setup() -> str:
+        (tmp_path / "kustomization.yaml").write_text(
+            f"namespace: {ns}\nresources: [{os.path.relpath(ROOT / 'manifests', tmp_path)}]\n"
+            # No node runs the Deployment's pod here: the test runs the image itself.
+            "patches:\n- target: {kind: Deployment}\n"
+            "  patch: '[{\"op\": \"replace\", \"path\": \"/spec/replicas\", \"value\": 0}]'\n")
         for cmd in (["apply", "--server-side", "-f", str(ROOT / "crds" / "pollerfleet.yaml")],
                     ["wait", "--for=condition=Established", "--timeout=30s",
                      "crd/pollerfleets.soundcheck.io"],
@@ -254,5 +254,4 @@ async def test_operator_image_acts_on_a_fleet_as_its_service_account(
     status, _ = await get_json(f"http://127.0.0.1:{port}/healthz")
     assert status == 200
     logs = await asyncio.to_thread(container_logs, name)
-    print(logs)
     assert "Traceback" not in logs and "403" not in logs, logs
