@@ -247,3 +247,15 @@ def test_every_secret_the_pods_read_is_listed_with_its_keys() -> None:
         ("spec.database", "db", ["url"]),
         ("spec.notifications.email", "mail", ["user", "pass"]),
         ("spec.notifications.webhook", "hook", ["url"])]
+
+
+def test_the_applied_size_is_read_from_the_annotation_not_the_live_replicas() -> None:
+    sts = render.statefulset("pf", "ns", parse({"image": "i", "latencySidecar": True,
+                                                "database": {"secretName": "s",
+                                                             "databaseUrlKey": "k"}}), 3)
+    assert render.applied_replicas(sts) == 3
+    sts["spec"]["replicas"] = 7  # kubectl scale: the annotation keeps the operator's size
+    assert render.applied_replicas(sts) == 3
+    del sts["metadata"]["annotations"]  # made by an operator that did not mark it
+    assert render.applied_replicas(sts) == 7
+    assert render.applied_replicas(None) == 0

@@ -109,7 +109,10 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
         await _write_status(namespace, name, status, {**new, "conditions": invalid})
         return
     sts = await asyncio.to_thread(kube.read_statefulset, namespace, name)
-    pods = int(sts["spec"].get("replicas", 0)) if sts else 0
+    # Decide from the size this operator applied; a different live size was set by someone
+    # else (`kubectl scale`) and is put back below.
+    pods = render.applied_replicas(sts)
+    live = int(sts["spec"].get("replicas", 0)) if sts else 0
     ready = int(((sts or {}).get("status") or {}).get("readyReplicas", 0))
     now = time.monotonic()
     conds = set_condition(conds, "Ready", True, "Reconciled", "owned objects match the spec")
@@ -158,7 +161,11 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
         await load.publish_topology(key, step.publish)
     if state is not None and topology and state.failover_s != fleet.failover_s:
         await load.set_failover(key, fleet.failover_s)
-    await _apply_owned(body, name, namespace, fleet, replicas, sts, memo)
+    if live != pods:
+        kopf.warn(body, reason="ReplicasOverridden", message=f"StatefulSet scaled to {live} "
+                  f"outside the operator: back to {replicas}")
+    await _apply_owned(body, name, namespace, fleet, replicas, sts, memo,
+                       force=live != pods)
     if sts is not None and replicas != pods:
         kopf.info(body, reason="Scaled", message=f"{pods} → {replicas} replicas for "
                   f"{new.get('runningJobs', '?')} running jobs")
@@ -206,12 +213,14 @@ async def _checked_spec(spec: dict[str, Any], namespace: str) -> FleetSpec:
 
 
 async def _apply_owned(body: kopf.Body, name: str, namespace: str, fleet: FleetSpec,
-                       replicas: int, sts: dict[str, Any] | None, memo: kopf.Memo) -> None:
+                       replicas: int, sts: dict[str, Any] | None, memo: kopf.Memo,
+                       force: bool) -> None:
     """Apply each owned object whose rendering changed since it was last applied: the
-    StatefulSet compared with its observed annotation, the others with memory (applied
-    once per operator start, then on change)."""
+    StatefulSet compared with its observed annotation (or always, with `force`: its size was
+    changed behind the operator's back), the others with memory (applied once per operator
+    start, then on change)."""
     applied: dict[str, str | None] = memo.setdefault("applied", {})
-    applied["StatefulSet"] = render.applied_hash(sts)
+    applied["StatefulSet"] = None if force else render.applied_hash(sts)
     for obj in (render.statefulset(name, namespace, fleet, replicas),
                 render.service(name, namespace), render.pdb(name, namespace)):
         kopf.adopt(obj, owner=body)  # owner reference: deleting the fleet deletes these

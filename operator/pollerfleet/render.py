@@ -22,6 +22,10 @@ POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 # The digest of what the operator last applied: it applies again only when this changes, so
 # a quiet fleet costs no writes and values the API server normalises cause no churn.
 APPLIED_HASH = "soundcheck.io/applied-hash"
+# The size the operator last applied. The StatefulSet's own replicas can be changed behind
+# its back (`kubectl scale`); this annotation cannot be by that, so the operator decides from
+# its own size and puts the StatefulSet back.
+APPLIED_REPLICAS = "soundcheck.io/replicas"
 
 
 def labels(name: str) -> dict[str, str]:
@@ -163,7 +167,8 @@ def statefulset(name: str, namespace: str, spec: FleetSpec, replicas: int) -> di
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name),
+                     "annotations": {APPLIED_REPLICAS: str(replicas)}},
         "spec": {
             "replicas": replicas,
             "serviceName": name,
@@ -203,6 +208,15 @@ def stamped(obj: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(obj)
     out["metadata"].setdefault("annotations", {})[APPLIED_HASH] = digest
     return out
+
+
+def applied_replicas(sts: dict[str, Any] | None) -> int:
+    """The size the operator last applied to this StatefulSet; its live replicas when it
+    carries none (made by an older operator), 0 when there is no StatefulSet."""
+    if sts is None:
+        return 0
+    marked = (sts["metadata"].get("annotations") or {}).get(APPLIED_REPLICAS)
+    return int(marked) if marked is not None else int(sts["spec"].get("replicas", 0))
 
 
 def applied_hash(obj: dict[str, Any] | None) -> str | None:
