@@ -11,14 +11,10 @@ admitted, not run).
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,9 +28,10 @@ import yaml
 from pollerfleet import render
 from pollerfleet.spec import parse
 
-from poller.localpg import LocalPostgres, free_port
+from poller.localpg import LocalPostgres
 from tests.conftest import TEMPLATE
 from tests.support.control_plane import ControlPlane
+from tests.support.k8s_deploy import Operator, get, kubectl, start_operator
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -63,22 +60,14 @@ def readme_deploy_commands() -> list[str]:
 @dataclass
 class Deployed:
     plane: ControlPlane
-    kubeconfig: Path  # the operator's: its ServiceAccount's token
-    operator: subprocess.Popen[bytes]
-    log_file: Path
-    health_port: int
+    operator: Operator
     database_url: str
 
-    def kubectl(self, *args: str, check: bool = True, as_sa: bool = False) -> str:
-        config = self.kubeconfig if as_sa else self.plane.kubeconfig
-        proc = subprocess.run(["kubectl", "--kubeconfig", str(config), *args],
-                              capture_output=True, text=True, timeout=60)
-        if check:
-            assert proc.returncode == 0, f"kubectl {args}: {proc.stderr}"
-        return proc.stdout + proc.stderr
+    def kubectl(self, *args: str, check: bool = True) -> str:
+        return kubectl(self.plane, *args, check=check)
 
     def get(self, *args: str) -> Any:
-        return json.loads(self.kubectl("-n", NS, "get", *args, "-o", "json"))
+        return get(self.plane, NS, *args)
 
     async def until(self, cond: Any, what: str, timeout: float = 30) -> None:
         async def probe() -> bool:
@@ -101,30 +90,12 @@ async def _database(pg: LocalPostgres) -> str:
     return f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
 
 
-def _container_env(plane_kubectl: Any, container: dict[str, Any]) -> dict[str, str]:
-    """The container's env as a kubelet makes it: values, and secretKeyRef read from the
-    Secret (the test reads it as admin, as the kubelet would with its own rights)."""
-    env = {}
-    for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        else:
-            ref = item["valueFrom"]["secretKeyRef"]
-            secret = json.loads(plane_kubectl("-n", NS, "get", "secret", ref["name"],
-                                              "-o", "json"))
-            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-    return env
-
-
 @pytest.fixture(scope="module")
 def deployed_sync(control_plane: ControlPlane, pg_server: LocalPostgres,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
-    yield from _deploy(control_plane, pg_server, tmp_path_factory.mktemp("deploy"))
-
-
-def _deploy(plane: ControlPlane, pg: LocalPostgres, tmp: Path) -> Iterator[Deployed]:
-    database_url = asyncio.run(_database(pg))
-    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
+    """The README's steps as written (the database URL filled in), then the operator."""
+    database_url = asyncio.run(_database(pg_server))
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}
     for command in readme_deploy_commands():
         command = command.replace("postgresql://…", database_url)
         proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
@@ -133,39 +104,14 @@ def _deploy(plane: ControlPlane, pg: LocalPostgres, tmp: Path) -> Iterator[Deplo
         # Nothing the steps apply may be refused or warned about (PodSecurity warns too).
         assert "Warning" not in proc.stderr, f"{command}\n{proc.stderr}"
         if command.startswith("kubectl apply -f crds/"):  # as `kubectl wait` would
-            subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=30s",
-                            "crd/pollerfleets.soundcheck.io"], env=env, check=True,
-                           capture_output=True, timeout=60)
-
-    def admin(*args: str) -> str:
-        return subprocess.run(["kubectl", "--kubeconfig", str(plane.kubeconfig), *args],
-                              capture_output=True, text=True, check=True, timeout=60).stdout
-
-    token = admin("-n", NS, "create", "token", "pollerfleet-operator").strip()
-    kubeconfig = plane.write_kubeconfig(tmp / "operator.kubeconfig", SA, token, namespace=NS)
-    deployment = json.loads(admin("-n", NS, "get", "deployment", "pollerfleet-operator",
-                                  "-o", "json"))
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    health_port = free_port()
-    # The node-agent part: the container's own args and env; the ports it binds on all
-    # addresses move to free loopback ports (pods share this host's network here); the
-    # in-cluster ServiceAccount token comes as a kubeconfig.
-    args = [a.replace("0.0.0.0:8080", f"127.0.0.1:{health_port}") for a in container["args"]]
-    bin_dir = str(Path(sys.executable).parent)
-    args[0] = shutil.which(args[0], path=bin_dir) or args[0]
-    run_env = {**_container_env(admin, container), "KUBECONFIG": str(kubeconfig),
-               "POLLERFLEET_METRICS_PORT": str(free_port()),
-               "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp)}
-    log_file = tmp / "operator.log"
-    with open(log_file, "wb") as log:
-        operator = subprocess.Popen(args, env=run_env, cwd=tmp, stdout=log,
-                                    stderr=subprocess.STDOUT)
+            kubectl(control_plane, "wait", "--for=condition=Established", "--timeout=30s",
+                    "crd/pollerfleets.soundcheck.io")
+    operator = start_operator(control_plane, NS, tmp_path_factory.mktemp("deploy"))
     try:
-        yield Deployed(plane, kubeconfig, operator, log_file, health_port, database_url)
+        yield Deployed(control_plane, operator, database_url)
     finally:
-        operator.terminate()
-        operator.wait(30)
-        admin("delete", "namespace", NS, "--wait=false")
+        operator.stop()
+        kubectl(control_plane, "delete", "namespace", NS, "--wait=false")
 
 
 @pytest.fixture
@@ -204,10 +150,10 @@ async def test_operator_pod_is_admitted_and_the_operator_is_never_refused(
     pods = deployed.get("pods", "-l", "app.kubernetes.io/name=pollerfleet-operator")["items"]
     assert len(pods) == 1  # made by the real ReplicaSet controller, admitted as restricted
     async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{deployed.health_port}/healthz",
+            f"http://127.0.0.1:{deployed.operator.health_port}/healthz",
             timeout=aiohttp.ClientTimeout(5)) as resp:
         assert resp.status == 200
-    assert deployed.operator.poll() is None
+    assert deployed.operator.proc.poll() is None
 
 
 _CAN_I_ROW = re.compile(r"^(\S*)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]\s*$")
@@ -286,7 +232,7 @@ async def test_kubectl_scale_is_undone(deployed: Deployed) -> None:
 def test_operator_was_never_refused_nor_failed(deployed: Deployed) -> None:
     """Its log from the README's steps to here (before the API server restart below, which
     refuses and resets requests while it starts)."""
-    log = deployed.log_file.read_text(errors="replace")
+    log = deployed.operator.log()
     assert "Initial authentication has finished" in log
     assert "Forbidden" not in log and " 403" not in log, log
     assert "Traceback" not in log, log
@@ -301,7 +247,7 @@ async def test_operator_survives_an_api_server_restart(deployed: Deployed) -> No
                      '{"spec": {"minReplicas": 2, "syncIntervalSeconds": 1}}')
     await deployed.until(lambda: deployed.get("statefulset", FLEET)["spec"]["replicas"] == 2,
                          "the StatefulSet at the new minimum", timeout=60)
-    assert deployed.operator.poll() is None
+    assert deployed.operator.proc.poll() is None
 
 
 async def test_deleting_the_fleet_lets_the_garbage_collector_remove_what_it_owned(
@@ -315,5 +261,4 @@ async def test_deleting_the_fleet_lets_the_garbage_collector_remove_what_it_owne
         return left.strip() == ""
 
     await deployed.until(gone, "the fleet's objects collected", timeout=60)
-    deployed.operator.terminate()
-    assert await asyncio.to_thread(deployed.operator.wait, 30) == 0
+    assert await asyncio.to_thread(deployed.operator.stop) == 0

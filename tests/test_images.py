@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,13 @@ from pollerfleet.spec import parse
 from poller.localpg import free_port
 from tests.support.control_plane import ControlPlane
 from tests.support.db import add_jobs
+from tests.support.k8s_deploy import (
+    apply_manifests,
+    expand,
+    get,
+    kubectl,
+    operator_kubeconfig,
+)
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.podman import (
     OPERATOR_IMAGE,
@@ -194,29 +200,12 @@ async def operator_namespace(control_plane: ControlPlane,
     """The README's manifests (CRD, namespace, RBAC, operator Deployment) in a namespace of
     the test's own, and a kubeconfig holding the operator ServiceAccount's token."""
     ns = f"img-{uuid.uuid4().hex[:6]}"
-    kubectl = ["kubectl", "--kubeconfig", str(control_plane.kubeconfig)]
-
-    def setup() -> str:
-        (tmp_path / "kustomization.yaml").write_text(
-            f"namespace: {ns}\nresources: [{os.path.relpath(ROOT / 'manifests', tmp_path)}]\n"
-            # No node runs the Deployment's pod here: the test runs the image itself.
-            "patches:\n- target: {kind: Deployment}\n"
-            "  patch: '[{\"op\": \"replace\", \"path\": \"/spec/replicas\", \"value\": 0}]'\n")
-        for cmd in (["apply", "--server-side", "-f", str(ROOT / "crds" / "pollerfleet.yaml")],
-                    ["wait", "--for=condition=Established", "--timeout=30s",
-                     "crd/pollerfleets.soundcheck.io"],
-                    ["apply", "-k", str(tmp_path)]):
-            subprocess.run([*kubectl, *cmd], check=True, capture_output=True, timeout=60)
-        return subprocess.run([*kubectl, "-n", ns, "create", "token", "pollerfleet-operator"],
-                              check=True, capture_output=True, text=True, timeout=30).stdout
-    token = (await asyncio.to_thread(setup)).strip()
-    config = control_plane.write_kubeconfig(tmp_path / "operator.kubeconfig",
-                                            f"system:serviceaccount:{ns}:pollerfleet-operator",
-                                            token, namespace=ns)
+    await asyncio.to_thread(apply_manifests, control_plane, ns, tmp_path / "kustomize")
+    config = await asyncio.to_thread(operator_kubeconfig, control_plane, ns,
+                                     tmp_path / "operator.kubeconfig")
     config.chmod(0o644)  # readable by the container's arbitrary UID
     yield ns, config
-    await asyncio.to_thread(subprocess.run, [*kubectl, "delete", "namespace", ns,
-                                             "--wait=false"], capture_output=True, timeout=60)
+    await asyncio.to_thread(kubectl, control_plane, "delete", "namespace", ns, "--wait=false")
 
 
 async def test_operator_image_acts_on_a_fleet_as_its_service_account(
@@ -226,9 +215,9 @@ async def test_operator_image_acts_on_a_fleet_as_its_service_account(
     (deployment,) = [d for d in yaml.safe_load_all(
         (ROOT / "manifests" / "operator.yaml").read_text()) if d["kind"] == "Deployment"]
     port = free_port()
-    args = [a.replace("--namespace=soundcheck", f"--namespace={ns}")
-            .replace("0.0.0.0:8080", f"127.0.0.1:{port}")
-            for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"]]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = [expand(a, {"POD_NAMESPACE": ns}).replace("0.0.0.0:8080", f"127.0.0.1:{port}")
+            for a in container["args"]]
     name = await asyncio.to_thread(
         run_detached, containers, "--network", "host", *RESTRICTED,
         "--volume", f"{config}:/var/run/kube/config:ro", "--env",
@@ -238,16 +227,12 @@ async def test_operator_image_acts_on_a_fleet_as_its_service_account(
              "metadata": {"name": "img", "namespace": ns},
              "spec": {"image": POLLER_IMAGE, "latencySidecar": True,
                       "database": {"secretName": "absent", "databaseUrlKey": "database-url"}}}
-    kubectl = ["kubectl", "--kubeconfig", str(control_plane.kubeconfig)]
-    await asyncio.to_thread(subprocess.run, [*kubectl, "apply", "-f", "-"],
-                            input=json.dumps(fleet), text=True, check=True,
-                            capture_output=True, timeout=30)
+    await asyncio.to_thread(kubectl, control_plane, "apply", "-f", "-",
+                            stdin=json.dumps(fleet))
 
     async def invalid_spec() -> bool:
-        got = await asyncio.to_thread(subprocess.run, [*kubectl, "-n", ns, "get",
-                                                       "pollerfleet/img", "-o", "json"],
-                                      capture_output=True, text=True, timeout=30)
-        conds = json.loads(got.stdout).get("status", {}).get("conditions", [])
+        got = await asyncio.to_thread(get, control_plane, ns, "pollerfleet/img")
+        conds = got.get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c.get("reason") == "InvalidSpec" for c in conds)
 
     await eventually(invalid_spec, timeout=60, interval=0.2, what="Ready=False/InvalidSpec")
