@@ -11,6 +11,7 @@ admitted, not run).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -142,6 +143,16 @@ async def test_example_fleet_is_ready_with_its_objects_within_seconds(
                                      ["items"]) == replicas, "the fleet's pods")
     events = deployed.get("events", "--field-selector", "reason=FailedCreate")["items"]
     assert events == [], [e["message"] for e in events]
+    # The namespace warns at "restricted" too: the StatefulSet the operator applied, sent
+    # again as a server-side dry run, draws no PodSecurity warning.
+    proc = await asyncio.to_thread(subprocess.run, [
+        "kubectl", "--kubeconfig", str(deployed.plane.kubeconfig), "apply", "--dry-run=server",
+        "--server-side", "--field-manager=dry-run-check", "--force-conflicts", "-f", "-"],
+        input=json.dumps({k: sts[k] for k in ("apiVersion", "kind", "metadata", "spec")}
+                         | {"metadata": {"name": FLEET, "namespace": NS}}),
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
 
 
 async def test_operator_pod_is_admitted_and_the_operator_is_never_refused(
