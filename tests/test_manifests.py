@@ -58,10 +58,22 @@ def test_components_are_valid_kubernetes(kust: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_renders_with_the_network_policy(tmp_path: Path) -> None:
-    objs = kustomize(tmp_path, ROOT / "manifests" / "components" / "network-policy")
+@pytest.mark.parametrize("namespace", [None, "elsewhere"])
+def test_network_policy_lands_with_the_pollers(tmp_path: Path, namespace: str | None) -> None:
+    """The README's usage, literally (and with a namespace of the user's): the policy is in
+    the namespace of the operator, hence of its fleets, and selects the poller pods."""
+    objs = kustomize(tmp_path, ROOT / "manifests" / "components" / "network-policy",
+                     namespace=namespace)
     policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
-    assert policy["metadata"]["namespace"] == "soundcheck"
+    operator = next(o for o in objs if o["kind"] == "Deployment")
+    assert policy["metadata"]["namespace"] == operator["metadata"]["namespace"] == (
+        namespace or "soundcheck")
+    pod_labels = render.statefulset("pf", "ns", parse({
+        "image": "i", "latencySidecar": True,
+        "database": {"secretName": "s", "databaseUrlKey": "k"}}), 1)["spec"]["template"][
+        "metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {render.PORT, render.SIDECAR_HEALTH_PORT}
 

@@ -12,13 +12,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def kustomize(tmp_path: Path, *components: Path) -> list[dict[str, Any]]:
-    """`kubectl kustomize` of manifests/ plus `components`, in the namespace soundcheck."""
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+def kustomize(tmp_path: Path, *components: Path,
+              namespace: str | None = None) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of manifests/ plus `components`, exactly as the README shows it
+    (`resources: [<repo>/manifests]`, `components: [...]`), and with `namespace:` if given."""
+    kustomization: dict[str, Any] = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": "soundcheck",
         "resources": [os.path.relpath(ROOT / "manifests", tmp_path)],
-        "components": [os.path.relpath(c, tmp_path) for c in components]}))
+        "components": [os.path.relpath(c, tmp_path) for c in components]}
+    if namespace is not None:
+        kustomization["namespace"] = namespace
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
