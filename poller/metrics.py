@@ -93,6 +93,11 @@ class Metrics:
             "soundcheck_poller_samples_rejected",
             "Samples set aside because the database rejected their values", registry=r,
         )
+        self.late = Counter(
+            "soundcheck_poller_samples_late",
+            "Samples refused because their job was already completed (README, \"Late "
+            "samples\")", registry=r,
+        )
         self.skipped = Counter(
             "soundcheck_poller_slots_skipped",
             "Overdue slots passed over after a stall (only the newest of a job is pinged)",

@@ -20,6 +20,14 @@ class SampleStatus(StrEnum):
     SYSTEM_ERROR = "system_error"
 
 
+def slot_count(cadence_seconds: int, duration_minutes: int) -> int:
+    """Slots k with started_at + k·cadence before the end: seq 0 … slot_count-1. A job with
+    no cadence or duration has one slot (its `system_error` sample)."""
+    if cadence_seconds < 1 or duration_minutes < 1:
+        return 1
+    return math.ceil(duration_minutes * 60 / cadence_seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A running real_polling job as the sync function returns it."""
@@ -43,10 +51,7 @@ class Job:
 
     @property
     def slot_count(self) -> int:
-        """Slots k with started_at + k·cadence before the end: seq 0 … slot_count-1."""
-        if not self.schedulable:
-            return 1
-        return math.ceil(self.duration_minutes * 60 / self.cadence_seconds)
+        return slot_count(self.cadence_seconds, self.duration_minutes)
 
     def slot_due(self, k: int) -> float:
         """When slot k falls due, as a Unix timestamp."""
@@ -73,15 +78,19 @@ class RecordResult:
     completed: tuple[UUID, ...]
     offline: int = 0  # alert state transitions the batch made (README, "Alerts")
     recovery: int = 0
+    late: int = 0  # refused: their job was completed already (README, "Late samples")
 
     def __add__(self, other: RecordResult) -> RecordResult:
         return RecordResult(self.inserted + other.inserted, self.completed + other.completed,
-                            self.offline + other.offline, self.recovery + other.recovery)
+                            self.offline + other.offline, self.recovery + other.recovery,
+                            self.late + other.late)
 
     @classmethod
     def from_json(cls, out: dict[str, Any]) -> RecordResult:
+        # `late` is absent before migration 017: none were refused then.
         return cls(int(out["inserted"]), tuple(UUID(x) for x in out["completed"]),
-                   int(out.get("offline") or 0), int(out.get("recovery") or 0))
+                   int(out.get("offline") or 0), int(out.get("recovery") or 0),
+                   int(out.get("late") or 0))
 
 
 NoticeKind = Literal["offline", "recovery", "completion"]
@@ -123,6 +132,10 @@ class NoticeJob:
     duration_minutes: int
     started_at: datetime
     completed_at: datetime | None
+
+    @property
+    def slot_count(self) -> int:
+        return slot_count(self.cadence_seconds, self.duration_minutes)
 
     @classmethod
     def from_json(cls, j: dict[str, Any]) -> NoticeJob:

@@ -197,6 +197,9 @@ class Recorder:
         self._metrics.flushes.inc()
         self._metrics.written.inc(result.inserted)
         self._metrics.completed.inc(len(result.completed))
+        if result.late:
+            self._metrics.late.inc(result.late)
+            log.info("%d samples refused: their jobs were completed already", result.late)
         if result.offline:
             self._metrics.alerts.labels("offline").inc(result.offline)
         if result.recovery:

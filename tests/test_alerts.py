@@ -293,9 +293,24 @@ def test_the_summary_counts_as_the_app_does(alerts_dsn: str,
 def test_the_verdict(success: int, missed: int, system_error: int, p95: float | None,
                      passed: bool, warned: bool) -> None:
     total = success + missed + system_error
-    v = verdict(JobSummary(total, success, missed, system_error, None, None, p95, 0, 0))
+    v = verdict(JobSummary(total, success, missed, system_error, None, None, p95, 0, 0),
+                slots=total)
     assert v.passed is passed
     assert (v.warning is not None) is warned
+    assert v.coverage == 1.0
+
+
+@pytest.mark.parametrize(("samples", "slots", "warned"), [
+    (61, 61, False), (58, 61, False),  # 95.1 %: no warning
+    (57, 61, True),  # 93.4 %
+    (7, 61, True),   # the demo's short job: pinged for 7 of its 61 slots
+])
+def test_coverage_is_stated_and_warned_below_95_percent(samples: int, slots: int,
+                                                        warned: bool) -> None:
+    v = verdict(JobSummary(samples, samples, 0, 0, 1.0, 1.0, 1.0, 0, 0), slots=slots)
+    assert v.coverage == pytest.approx(samples / slots)
+    assert v.passed  # the app's PASS/FAIL rules stay as they are
+    assert any(f"{samples} of the job's {slots} slots" in w for w in v.warnings) is warned
 
 
 async def test_a_job_from_before_the_upgrade_is_evaluated_from_its_next_batch(

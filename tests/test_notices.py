@@ -15,7 +15,7 @@ import pytest
 from poller.localpg import free_port
 from poller.metrics import Metrics
 from poller.models import JobSummary, Notice, NoticeJob
-from poller.notices import Channel, DeliveryError, make_channels
+from poller.notices import Channel, DeliveryError, make_channels, render
 from poller.notices.delivery import Deliverer
 from poller.service import make_store
 from poller.settings import Settings
@@ -159,7 +159,25 @@ async def test_the_completion_mail_reads_well(ca: ThrowawayCA, smtp: RefusingSin
         assert f"{BASE_URL}/jobs/{notice.job.id}" in text
         assert "PASS" in text  # 1.68 % loss, p95 41 ms
         assert "352 success, 6 missed, 2 system error" in text
+        assert "360 of 360 slots (100.0 %)" in text
+        assert "Warning" not in text
     assert "Ann <Ops>" in plain and "Ann &lt;Ops&gt;" in html  # escaped in HTML
+
+
+def test_a_partly_covered_job_says_so_in_every_form() -> None:
+    """7 samples of a 360-slot job: still PASS by the app's rules, with the coverage stated
+    and warned about in the text, the HTML and the webhook payload."""
+    full = _notice()
+    notice = Notice(41, "completion", 1, full.job,
+                    summary=JobSummary(7, 7, 0, 0, 12.5, 20.0, 19.0, 0, 0))
+    assert render.subject(notice).startswith("[Sound Check] PASS")
+    for text, warning in ((render.text(notice, BASE_URL), "7 of the job's 360 slots"),
+                          (render.html_body(notice, BASE_URL), "7 of the job&#x27;s 360 slots")):
+        assert "7 of 360 slots (1.9 %)" in text
+        assert warning in text
+    payload = render.webhook_payload(notice, BASE_URL)["summary"]
+    assert payload["slots"] == 360 and payload["coverage"] == pytest.approx(7 / 360)
+    assert payload["warnings"] and "7 of the job's 360 slots" in payload["warning"]
 
 
 async def test_the_webhook_payload(ca: ThrowawayCA, hook: WebhookSink) -> None:

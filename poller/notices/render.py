@@ -29,7 +29,7 @@ def subject(n: Notice) -> str:
         line = f"[Sound Check] {_TITLES[n.kind]}: {target}"
     else:
         assert n.summary is not None
-        result = "PASS" if verdict(n.summary).passed else "FAIL"
+        result = "PASS" if verdict(n.summary, n.job.slot_count).passed else "FAIL"
         line = f"[Sound Check] {result}: monitoring of {target} complete"
     return _CONTROL.sub(" ", line)
 
@@ -57,7 +57,7 @@ def lines(n: Notice) -> list[tuple[str, str]]:
         facts.append(("Recovered at", _when(n.triggered_at)))
     else:
         assert n.summary is not None
-        s, v = n.summary, verdict(n.summary)
+        s, v = n.summary, verdict(n.summary, j.slot_count)
         facts.append(("Completed", _when(j.completed_at)))
         facts += [
             ("Result", ("PASS" if v.passed else "FAIL")
@@ -65,14 +65,14 @@ def lines(n: Notice) -> list[tuple[str, str]]:
                f"{P95_LIMIT_MS:g} ms)"),
             ("Samples", f"{s.total}: {s.success} success, {s.missed} missed, "
                         f"{s.system_error} system error"),
+            ("Coverage", f"{s.total} of {j.slot_count} slots ({100 * v.coverage:.1f} %)"),
             ("Packet loss", "—" if v.packet_loss is None else f"{100 * v.packet_loss:.2f} %"),
             ("RTT", f"average {_ms(s.avg_rtt_ms)}, max {_ms(s.max_rtt_ms)}, "
                     f"p95 {_ms(s.p95_rtt_ms)}"),
             ("Outages", f"{s.outages} (5 or more misses in a row); longest miss streak "
                         f"{s.longest_miss_streak}"),
         ]
-        if v.warning:
-            facts.append(("Warning", v.warning))
+        facts += [("Warning", w) for w in v.warnings]
     return facts
 
 
@@ -108,7 +108,9 @@ def webhook_payload(n: Notice, base_url: str | None) -> dict[str, Any]:
     if n.triggered_at is not None:
         out["triggered_at"] = n.triggered_at.isoformat()
     if n.summary is not None:
-        v = verdict(n.summary)
+        v = verdict(n.summary, j.slot_count)
         out["summary"] = {**vars(n.summary), "packet_loss": v.packet_loss,
-                          "result": "PASS" if v.passed else "FAIL", "warning": v.warning}
+                          "result": "PASS" if v.passed else "FAIL", "slots": j.slot_count,
+                          "coverage": v.coverage, "warning": v.warning,
+                          "warnings": list(v.warnings)}
     return out
