@@ -188,3 +188,20 @@ def test_build_backend_is_pinned_alike_in_pyproject_and_the_lock() -> None:
     (pin,) = re.findall(r"^(setuptools==\S+)", (ROOT / "requirements-build.lock").read_text(),
                         re.M)
     assert requires == [pin]
+
+
+def test_one_version_everywhere() -> None:
+    """poller.__version__ is the release; the wheel takes it (pyproject's dynamic version),
+    and the manifests' image tags and the Dockerfiles' default label say the same."""
+    import poller
+
+    version = poller.__version__
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dynamic"] == [
+        "version"]
+    tags = re.findall(r"image: \S+:(\S+)", (ROOT / "manifests" / "pollerfleet.yaml").read_text()
+                      + (ROOT / "manifests" / "operator.yaml").read_text())
+    assert tags and set(tags) == {version}
+    for dockerfile in ("Dockerfile.poller", "Dockerfile.operator"):
+        assert f"ARG VERSION={version}\n" in (ROOT / dockerfile).read_text()
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## {re.escape(version)} ", changelog, re.M), "no CHANGELOG entry"

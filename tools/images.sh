@@ -2,7 +2,7 @@
 # Builds the two images with podman, unchanged Dockerfiles, the way CI does:
 #   tools/images.sh               base stand-in (if absent), then both images
 #   tools/images.sh base          only the stand-in base
-# Tags: soundcheck-poller:VERSION and soundcheck-operator:VERSION (VERSION from pyproject).
+# Tags: soundcheck-poller:VERSION and soundcheck-operator:VERSION (poller.__version__).
 #
 # Registries cannot be reached from the machines this project is tested on, so the base,
 # python:3.11-slim-bookworm, is a local stand-in made from Debian packages: debootstrap's
@@ -18,7 +18,7 @@ export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/tools/containers.conf}"
 standin=python:3.11-slim-bookworm
 base="${BASE_IMAGE:-$standin}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' poller/__init__.py)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 source_url=$(git remote get-url origin 2>/dev/null || echo unknown)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 
+import poller
+
 ROOT = Path(__file__).resolve().parents[2]
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = poller.__version__
 POLLER_IMAGE = f"localhost/soundcheck-poller:{VERSION}"
 OPERATOR_IMAGE = f"localhost/soundcheck-operator:{VERSION}"
 # OpenShift's kind of UID: arbitrary, with group 0.
