@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 
 # The jobs start _LEAD_S ahead ($5), so that the poller sees each one at a sync before its
 # slot 0. A job first seen later resumes at its next slot, and the slots it passed are
-# holes that hold its alert evaluation for ALERT_SETTLE_S (README, "Gaps"): the offline
-# alert would come a minute late.
+# holes that hold its alert evaluation for ALERT_SETTLE_S
+# (docs/alerts-and-notices.md, "Gaps"): the offline alert would come a minute late.
 _SEED = """
 insert into jobs (id, account_number, target_ip, target_mac, reason, notification_email,
                   requester_id, requester_name, source, cadence_seconds, duration_minutes,

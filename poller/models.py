@@ -76,9 +76,11 @@ class Sample(NamedTuple):
 class RecordResult:
     inserted: int
     completed: tuple[UUID, ...]
-    offline: int = 0  # alert state transitions the batch made (README, "Alerts")
+    # alert state transitions the batch made (docs/alerts-and-notices.md, "Exactly once")
+    offline: int = 0
     recovery: int = 0
-    late: int = 0  # refused: their job was completed already (README, "Late samples")
+    # refused: their job was completed already (docs/alerts-and-notices.md, "Late samples")
+    late: int = 0
 
     def __add__(self, other: RecordResult) -> RecordResult:
         return RecordResult(self.inserted + other.inserted, self.completed + other.completed,

@@ -1,5 +1,5 @@
-"""Which replica owns which job (README, "How it works"), mirrored bit for bit by the SQL functions
-`soundcheck_bucket`, `soundcheck_jump_hash`, `soundcheck_owned_buckets`,
+"""Which replica owns which job (docs/architecture.md, "Ownership"), mirrored bit for bit by
+the SQL functions `soundcheck_bucket`, `soundcheck_jump_hash`, `soundcheck_owned_buckets`,
 `soundcheck_rendezvous` and `soundcheck_owned_buckets_live`.
 
 Jobs hash to one of 1024 buckets; buckets map to replicas by jump consistent hash, so

@@ -1,4 +1,4 @@
-"""When each job's next ping is due (README, "How it works"), as one timer wheel.
+"""When each job's next ping is due (docs/architecture.md, "How it works"), as one timer wheel.
 
 Slot k of a job falls due at `started_at + k·cadence_seconds` for every slot before the
 job's end; `sequence_number = k`. Phases come from each job's own start time, never from

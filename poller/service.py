@@ -352,7 +352,8 @@ class Service:
 
     async def sync_once(self) -> None:
         s = self.settings
-        # The cursor of the last sync, unless a full read is due (README, "Incremental sync").
+        # The cursor of the last sync, unless a full read is due
+        # (docs/architecture.md, "Incremental sync").
         cursor = self._cursor
         if self._full_at is None or time.monotonic() - self._full_at > s.sync_full_interval_s:
             cursor = None

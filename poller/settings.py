@@ -50,7 +50,7 @@ class Settings(BaseModel):
     latency_api_group: str = Field("Sound Check", min_length=1, alias="LATENCY_API_GROUP")
     ping_timeout_ms: int = Field(10_000, ge=100, alias="PING_TIMEOUT_MS")
     concurrency: int = Field(50, ge=1, le=100_000, alias="CONCURRENCY")
-    # Networks no job may target (README, "Targets"); `none` allows every address.
+    # Networks no job may target (docs/architecture.md, "Targets"); `none` allows every address.
     target_deny: str = Field(",".join(DEFAULT_DENY), alias="TARGET_DENY")
 
     # Sync, batching, buffering.
@@ -61,7 +61,8 @@ class Settings(BaseModel):
     # one call and one JSON value). Smaller pages keep the event loop's stalls short.
     sync_page_size: int = Field(5_000, ge=1, le=50_000, alias="SYNC_PAGE_SIZE")
     # Syncs read only what changed; a full read of the owned jobs happens at start, when the
-    # topology or live set moves, and at least this often (README, "Incremental sync").
+    # topology or live set moves, and at least this often
+    # (docs/architecture.md, "Incremental sync").
     sync_full_interval_s: int = Field(3600, ge=10, le=43_200, alias="SYNC_FULL_INTERVAL_S")
     max_buffered_samples: int = Field(200_000, ge=1, alias="MAX_BUFFERED_SAMPLES")
     retry_max_backoff_ms: int = Field(30_000, ge=100, alias="RETRY_MAX_BACKOFF_MS")
@@ -73,8 +74,8 @@ class Settings(BaseModel):
     fleet_name: str | None = Field(None, min_length=1, max_length=253, alias="FLEET_NAME")
     replica_id: int = Field(0, ge=0, alias="REPLICA_ID")
 
-    # Alerts (README, "Alerts and completion notices"): how long a hole in a job's samples
-    # waits for a late sample before it counts as a gap.
+    # Alerts (docs/alerts-and-notices.md, "Gaps"): how long a hole in a job's samples waits
+    # for a late sample before it counts as a gap.
     alert_settle_s: int = Field(60, ge=0, le=86_400, alias="ALERT_SETTLE_S")
 
     # Delivery of alerts and completion notices: off unless a channel is configured.

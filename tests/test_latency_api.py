@@ -1,5 +1,5 @@
-"""The Latency API client and the classification table (README, "Samples"), against a scripted
-stand-in served over real HTTP on loopback."""
+"""The Latency API client and the classification table (docs/architecture.md, "Samples"),
+against a scripted stand-in served over real HTTP on loopback."""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def test_every_alert_has_severity_summary_and_a_runbook_file() -> None:
             assert alert["labels"]["severity"] in ("critical", "warning"), name
             if group["name"] != "soundcheck-scrape":  # those watch targets, not a fleet
                 assert "{{ $labels.fleet }}" in alert["annotations"]["summary"], name
-            # Absolute once Prometheus has the external label (README, "Monitoring").
+            # Absolute once Prometheus has the external label (docs/monitoring.md, "Runbook links").
             assert alert["annotations"]["runbook_url"] == (
                 "{{ $externalLabels.runbook_base_url }}/" + name + ".md"), name
             text = (runbooks / f"{name}.md").read_text()

@@ -1,4 +1,5 @@
-"""Which addresses a job may target (README, "Targets"), and what the others become."""
+"""Which addresses a job may target (docs/architecture.md, "Targets"), and what the others
+become."""
 
 from __future__ import annotations
 

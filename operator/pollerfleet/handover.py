@@ -1,4 +1,4 @@
-"""Changing a fleet's size without a gap (README, "Resizing without gaps"), as a pure
+"""Changing a fleet's size without a gap (docs/operator.md, "Resizing without gaps"), as a pure
 function of plain data.
 
 The fleet's topology is the list of active replica counts the pollers partition buckets

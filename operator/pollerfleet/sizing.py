@@ -1,4 +1,5 @@
-"""How many pollers a fleet wants (README, "Deploy on Kubernetes"), as a pure function.
+"""How many pollers a fleet wants, as a pure function
+(docs/operator.md, "The PollerFleet operator").
 
     desired = clamp(ceil(running_jobs / jobsPerReplica), minReplicas, maxReplicas)
 

@@ -59,8 +59,8 @@ class EmailSpec:
 
 @dataclass(frozen=True)
 class Notifications:
-    """spec.notifications: where alerts and completion notices go (README, "Alerts and
-    completion notices"); absent, nothing is sent."""
+    """spec.notifications: where alerts and completion notices go
+    (docs/alerts-and-notices.md); absent, nothing is sent."""
 
     app_base_url: str | None = None
     email: EmailSpec | None = None

@@ -4,7 +4,7 @@ set local lock_timeout = '5s';
 -- The poller (and the operator) call only these functions, over asyncpg or as PostgREST
 -- RPCs (POST /rest/v1/rpc/<name>), so both transports behave the same.
 
--- Partitioning (README, "How it works") ----------------------------------------------------
+-- Partitioning (docs/architecture.md, "How it works") ----------------------------------------------------
 
 -- bucket = first 4 bytes of md5(lowercase uuid text), big-endian, mod 1024.
 create or replace function soundcheck_bucket(p_job_id uuid)

@@ -1,7 +1,7 @@
 -- SQL API version 6: offline/recovery alerts and completion notices, decided in the
 -- transaction that writes the samples, where the order of a job's samples is known.
 --
--- The app's rules (README, "Alerts and completion notices"): a job whose last 5 samples are
+-- The app's rules (docs/alerts-and-notices.md, "Alerts and completion notices"): a job whose last 5 samples are
 -- all `missed` while alert_state = 'ok' goes offline (alert_state 'offline_alerted', an
 -- `alerts` row 'offline' if alert_on_offline); one that is offline and whose last 5 are all
 -- `success` recovers ('ok', an alert 'recovery' if alert_on_recovery). `system_error`
@@ -246,7 +246,7 @@ begin
                j.alert_on_offline, j.alert_on_recovery, blk.n, blk.lo, blk.hi,
                (blk.ns + blk.nm)::int as cnt,
                case when blk.ns > 0 then 1 when blk.nm > 0 then -1 else 0 end as kind,
-               -- a null cursor starts at this batch (README, "Gaps")
+               -- a null cursor starts at this batch (docs/alerts-and-notices.md, "Gaps")
                blk.hi - blk.lo + 1 = blk.n
                and blk.lo = coalesce(j.poller_alert_seq, blk.lo - 1) + 1
                and (blk.ns = 0 or blk.nm = 0) as fast

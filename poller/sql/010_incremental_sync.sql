@@ -73,7 +73,7 @@ end $$;
 -- its first page, so what changes while it pages is read again.
 --
 -- Changes are kept a day. A poller reads them every few seconds, and does a full read
--- after a long break (README, "Incremental sync"); only a transaction that changed jobs
+-- after a long break (docs/architecture.md, "Incremental sync"); only a transaction that changed jobs
 -- and stayed open for a day could have its changes dropped before they were read.
 create or replace function poller_job_changes(p_buckets int[], p_cursor xid8, p_limit int)
 returns jsonb

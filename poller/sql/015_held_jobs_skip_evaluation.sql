@@ -1,6 +1,6 @@
 -- A job held behind a hole is not evaluated again until the hole can move. A slot with no
 -- sample yet (a poller restarted, a replica taken over, a job first seen after its start)
--- holds the job's alert evaluation until it is filled or settled (README, "Gaps"). Until
+-- holds the job's alert evaluation until it is filled or settled (docs/alerts-and-notices.md, "Gaps"). Until
 -- then every batch with a sample of that job fell to the general evaluation, which reads
 -- all of the job's samples past the cursor to find that nothing can move: per batch, work
 -- that grows with each sample held. After a poller restarts or a replica is taken over,

@@ -90,7 +90,7 @@ begin
                j.alert_on_offline, j.alert_on_recovery, blk.n, blk.lo, blk.hi,
                (blk.ns + blk.nm)::int as cnt,
                case when blk.ns > 0 then 1 when blk.nm > 0 then -1 else 0 end as kind,
-               -- a null cursor starts at this batch (README, "Gaps")
+               -- a null cursor starts at this batch (docs/alerts-and-notices.md, "Gaps")
                blk.hi - blk.lo + 1 = blk.n
                and blk.lo = coalesce(j.poller_alert_seq, blk.lo - 1) + 1
                and (blk.ns = 0 or blk.nm = 0) as fast
@@ -161,7 +161,7 @@ begin
     into v_inserted, v_offline, v_recovery, v_ids, v_alerts, v_raced
     from upd;
 
-    -- Late samples (README, "Late samples"). What this batch inserted for a job completed
+    -- Late samples (docs/alerts-and-notices.md, "Late samples"). What this batch inserted for a job completed
     -- meanwhile is taken out again: rows of this transaction only (xmin), so rows that
     -- were there before stay.
     if cardinality(v_raced) > 0 then

@@ -45,7 +45,7 @@ class StoreDataError(StoreError):
 
 
 def error_for_sqlstate(sqlstate: str, text: str) -> StoreError:
-    """The kind of error an SQLSTATE means for the caller (README, "Errors")."""
+    """The kind of error an SQLSTATE means for the caller (docs/architecture.md, "Errors")."""
     if sqlstate.startswith(("22", "23")):
         return StoreDataError(text)
     if sqlstate == "42P10":  # ON CONFLICT found no usable unique index on samples

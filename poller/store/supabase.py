@@ -1,7 +1,7 @@
 """Supabase transport: the same SQL API called as PostgREST RPCs through supabase-py.
 
 One async client per process; every call is one `POST /rest/v1/rpc/<fn>`. Deliberate
-client settings (README, "Supabase"):
+client settings (docs/supabase.md, "Supabase"):
 - timeout DB_TIMEOUT_MS on connect, read, write and pool wait (the library's default is
   120 s, which would hold a batch far longer than a retry would);
 - no library retries (`postgrest_client_retry=False`): the recorder and the sync loop
