@@ -39,6 +39,7 @@ from .store import (
     StoreError,
     StoreMisconfigured,
     check_api_version,
+    make_store,
     pages,
     raise_if_cancelling,
 )
@@ -61,23 +62,6 @@ async def _bounded(aw: Any, timeout_s: float) -> None:
             await aw
     except Exception:
         log.warning("stopping: a clean-up step did not finish", exc_info=True)
-
-
-def make_store(settings: Settings) -> Store:
-    timeout = settings.db_timeout_ms / 1000
-    if settings.transport == "postgres":
-        from .store.postgres import PostgresStore
-
-        assert settings.database_url is not None
-        return PostgresStore(settings.database_url.get_secret_value(), timeout,
-                             prepared_statements=settings.database_prepared_statements,
-                             alert_settle_s=settings.alert_settle_s)
-    from .store.supabase import SupabaseStore
-
-    assert settings.supabase_url is not None and settings.supabase_service_role_key is not None
-    return SupabaseStore(settings.supabase_url,
-                         settings.supabase_service_role_key.get_secret_value(), timeout,
-                         alert_settle_s=settings.alert_settle_s)
 
 
 def make_pinger(settings: Settings) -> Pinger:

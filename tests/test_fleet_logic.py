@@ -259,3 +259,29 @@ def test_the_applied_size_is_read_from_the_annotation_not_the_live_replicas() ->
     del sts["metadata"]["annotations"]  # made by an operator that did not mark it
     assert render.applied_replicas(sts) == 7
     assert render.applied_replicas(None) == 0
+
+
+def test_poller_env_is_every_setting_the_operator_does_not_set() -> None:
+    from pollerfleet.spec import POLLER_ENV, SET_BY_THE_OPERATOR
+
+    aliases = {f.alias for f in Settings.model_fields.values() if f.alias}
+    assert aliases == POLLER_ENV | SET_BY_THE_OPERATOR
+    assert aliases >= SET_BY_THE_OPERATOR  # no stale name
+    base = {"image": "i", "latencySidecar": True,
+            "database": {"secretName": "s", "databaseUrlKey": "k"}}
+    assert parse({**base, "pollerEnv": {"NOTIFY_SMTP_CA_FILE": "/etc/ca.pem"}}).poller_env == {
+        "NOTIFY_SMTP_CA_FILE": "/etc/ca.pem"}
+    with pytest.raises(SpecError, match=r"spec\.pollerEnv: not settable here: DATABASE_URL"):
+        parse({**base, "pollerEnv": {"DATABASE_URL": "postgresql://x"}})
+
+
+def test_the_operator_does_not_load_the_poller_service() -> None:
+    """The operator needs the store, not the poller's lifecycle (a narrow seam)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, pollerfleet.handlers; "
+         "print(sorted(m for m in sys.modules if m.startswith('poller.')))"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "poller.service" not in out and "poller.store" in out, out

@@ -17,9 +17,8 @@ from poller.metrics import Metrics
 from poller.models import JobSummary, Notice, NoticeJob
 from poller.notices import Channel, DeliveryError, make_channels, render
 from poller.notices.delivery import Deliverer
-from poller.service import make_store
 from poller.settings import Settings
-from poller.store import Store
+from poller.store import Store, make_store
 from tests.conftest import DbEnv
 from tests.support.db import RECORD_SAMPLES, add_jobs
 from tests.support.latency_standin import NO_REPLY, LatencyStandIn

@@ -277,7 +277,7 @@ async def test_a_value_the_database_rejects_is_set_aside_on_both_transports(
     from poller.metrics import Metrics
     from poller.models import Sample, SampleStatus
     from poller.recorder import Recorder
-    from poller.service import make_store
+    from poller.store import make_store
 
     [job] = await add_jobs(conn, ["127.0.0.1"])
     store = make_store(Settings.from_env(await db_env(dsn)))

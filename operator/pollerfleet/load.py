@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-from poller.service import make_store
 from poller.settings import ConfigError, Settings
 from poller.store import (
     OPERATOR_API_VERSION,
@@ -19,6 +18,7 @@ from poller.store import (
     Store,
     StoreMisconfigured,
     check_api_version,
+    make_store,
 )
 
 _VARS = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DB_TIMEOUT_MS",

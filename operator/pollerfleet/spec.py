@@ -11,16 +11,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Poller settings a fleet may pass through `pollerEnv` (the database target, REPLICA_ID,
-# REPLICA_COUNT and PORT are the operator's to set).
-POLLER_ENV = frozenset({
-    "POLL_INTERVAL_MS", "BATCH_FLUSH_INTERVAL_MS", "BATCH_SIZE", "CONCURRENCY",
-    "PING_BACKEND", "ICMP_SOCKET", "PING_TIMEOUT_MS", "LATENCY_API_ROUTE", "LATENCY_API_GROUP",
-    "MAX_BUFFERED_SAMPLES", "RETRY_MAX_BACKOFF_MS", "DB_TIMEOUT_MS", "SHUTDOWN_GRACE_MS",
-    "DATABASE_PREPARED_STATEMENTS", "LOG_FORMAT", "LOG_LEVEL", "TARGET_DENY", "SYNC_PAGE_SIZE",
-    "ALERT_SETTLE_S", "NOTIFY_INTERVAL_MS", "NOTIFY_TIMEOUT_MS", "NOTIFY_MAX_ATTEMPTS",
-    "NOTIFY_RETRY_MAX_BACKOFF_MS", "SYNC_FULL_INTERVAL_S",
+from poller.settings import Settings
+
+# What the operator sets from the spec itself (the database from the Secret, the Latency API,
+# notifications from spec.notifications and their Secret, the pod's identity and port):
+# not settable through pollerEnv. Every other poller setting is, so a new setting needs no
+# change here.
+SET_BY_THE_OPERATOR = frozenset({
+    "DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "LATENCY_API_URL", "PORT",
+    "FLEET_NAME", "REPLICA_ID", "REPLICA_COUNT", "NOTIFY_APP_BASE_URL", "NOTIFY_MAIL_FROM",
+    "NOTIFY_SMTP_HOST", "NOTIFY_SMTP_PORT", "NOTIFY_SMTP_TLS", "NOTIFY_SMTP_USERNAME",
+    "NOTIFY_SMTP_PASSWORD", "NOTIFY_WEBHOOK_URL",
 })
+POLLER_ENV = frozenset(
+    field.alias for field in Settings.model_fields.values() if field.alias
+) - SET_BY_THE_OPERATOR
 _SMTP_TLS = ("starttls", "tls", "none")
 
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from ..models import Claim, Job, RecordResult, Sample
+from ..settings import Settings
 
 API_VERSION = 7  # the oldest poller_api_version() this poller works with (incremental sync)
 OPERATOR_API_VERSION = 6  # what the operator reads and writes (topology, fleet, outbox)
@@ -255,3 +256,21 @@ MIGRATE_HINT = (
     "the poller's SQL API is missing from the database: run `python -m poller migrate` "
     "(or paste poller/sql/*.sql into the Supabase SQL editor)"
 )
+
+
+def make_store(settings: Settings) -> Store:
+    """The store for the configured transport (the poller's and the operator's)."""
+    timeout = settings.db_timeout_ms / 1000
+    if settings.transport == "postgres":
+        from .postgres import PostgresStore
+
+        assert settings.database_url is not None
+        return PostgresStore(settings.database_url.get_secret_value(), timeout,
+                             prepared_statements=settings.database_prepared_statements,
+                             alert_settle_s=settings.alert_settle_s)
+    from .supabase import SupabaseStore
+
+    assert settings.supabase_url is not None and settings.supabase_service_role_key is not None
+    return SupabaseStore(settings.supabase_url,
+                         settings.supabase_service_role_key.get_secret_value(), timeout,
+                         alert_settle_s=settings.alert_settle_s)
