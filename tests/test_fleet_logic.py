@@ -285,3 +285,49 @@ def test_the_operator_does_not_load_the_poller_service() -> None:
          "print(sorted(m for m in sys.modules if m.startswith('poller.')))"],
         capture_output=True, text=True, timeout=60, check=True).stdout
     assert "poller.service" not in out and "poller.store" in out, out
+
+
+# The CRD's schema defaults and the operator's (FleetSpec) must be the same numbers.
+CRD_TO_SPEC = {"jobsPerReplica": "jobs_per_replica", "minReplicas": "min_replicas",
+               "maxReplicas": "max_replicas",
+               "scaleDownStabilizationSeconds": "scale_down_stabilization_s",
+               "syncIntervalSeconds": "sync_interval_s", "failoverTimeoutSeconds": "failover_s",
+               "staleJobsWindowSeconds": "stale_window_s",
+               "terminationGracePeriodSeconds": "termination_grace_s",
+               "imagePullPolicy": "image_pull_policy", "latencySidecar": "latency_sidecar"}
+
+
+def test_crd_defaults_are_the_operators() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).parents[1] / "crds" / "pollerfleet.yaml").read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"]
+    defaulted = {k for k, v in props.items() if "default" in v}
+    assert defaulted == set(CRD_TO_SPEC)  # a new default needs its counterpart here
+    parsed = parse({"image": "i", "latencyApiUrl": "http://l:4402",
+                    "database": {"secretName": "s", "databaseUrlKey": "k"}})
+    for key, attr in CRD_TO_SPEC.items():
+        assert props[key]["default"] == getattr(parsed, attr), key
+
+
+@pytest.mark.parametrize(("failover", "poll_ms", "ok"), [
+    (15, None, True),     # the defaults: 15 s against 2 x 5 s
+    (10, None, True),     # exactly twice
+    (9, None, False),
+    (2, "500", True),
+    (2, "1500", False),
+])
+def test_failover_timeout_is_checked_against_the_sync_interval(
+        failover: int, poll_ms: str | None, ok: bool) -> None:
+    spec: dict[str, Any] = {"image": "i", "latencySidecar": True, "failoverTimeoutSeconds":
+                            failover, "database": {"secretName": "s", "databaseUrlKey": "k"}}
+    if poll_ms is not None:
+        spec["pollerEnv"] = {"POLL_INTERVAL_MS": poll_ms}
+    if ok:
+        assert parse(spec).failover_s == failover
+    else:
+        with pytest.raises(SpecError, match=r"^spec\.failoverTimeoutSeconds: "):
+            parse(spec)

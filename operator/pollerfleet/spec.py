@@ -115,6 +115,16 @@ def _int(spec: Mapping[str, Any], key: str, default: int, minimum: int,
     return value
 
 
+def _env_int(env: Mapping[str, Any], alias: str) -> int:
+    """A poller setting from pollerEnv, else the poller's own default (poller.settings)."""
+    (info,) = (f for f in Settings.model_fields.values() if f.alias == alias)
+    raw = env.get(alias, info.default)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise SpecError(f"spec.pollerEnv.{alias}: must be an integer, got {raw!r}") from None
+
+
 def parse(spec: Mapping[str, Any]) -> FleetSpec:
     image = spec.get("image")
     if not isinstance(image, str) or not image:
@@ -130,8 +140,8 @@ def parse(spec: Mapping[str, Any]) -> FleetSpec:
                         "serviceRoleKeyKey (exactly one database target)")
     if supabase and not (ref.supabase_url_key and ref.service_role_key_key):
         raise SpecError("spec.database: supabaseUrlKey and serviceRoleKeyKey go together")
-    lo = _int(spec, "minReplicas", 1, 0)
-    hi = _int(spec, "maxReplicas", 10, 1)
+    lo = _int(spec, "minReplicas", FleetSpec.min_replicas, 0)
+    hi = _int(spec, "maxReplicas", FleetSpec.max_replicas, 1)
     if lo > hi:
         raise SpecError(f"spec.minReplicas: {lo} is above spec.maxReplicas {hi}")
     env = dict(spec.get("pollerEnv") or {})
@@ -145,24 +155,35 @@ def parse(spec: Mapping[str, Any]) -> FleetSpec:
     if env.get("PING_BACKEND", "latency_api") == "latency_api" and not (sidecar or url):
         raise SpecError("spec.latencyApiUrl: required unless latencySidecar is true or "
                         "pollerEnv.PING_BACKEND is icmp")
+    failover_s = _int(spec, "failoverTimeoutSeconds", FleetSpec.failover_s, 1)
+    # A replica is live while it synced within the failover timeout, and it syncs every
+    # POLL_INTERVAL_MS: a timeout shorter than two of those calls every replica silent
+    # between its syncs, and the others take over its jobs back and forth.
+    poll_ms = _env_int(env, "POLL_INTERVAL_MS")
+    if failover_s * 1000 < 2 * poll_ms:
+        raise SpecError(f"spec.failoverTimeoutSeconds: {failover_s} s is under twice the "
+                        f"pollers' POLL_INTERVAL_MS ({poll_ms} ms): set it to at least "
+                        f"{-(-2 * poll_ms // 1000)} s, or sync more often")
     return FleetSpec(
         notifications=_notifications(spec.get("notifications")),
         image=image,
         database=ref,
-        jobs_per_replica=_int(spec, "jobsPerReplica", 500, 1),
+        jobs_per_replica=_int(spec, "jobsPerReplica", FleetSpec.jobs_per_replica, 1),
         min_replicas=lo,
         max_replicas=hi,
-        scale_down_stabilization_s=_int(spec, "scaleDownStabilizationSeconds", 300, 0),
-        sync_interval_s=_int(spec, "syncIntervalSeconds", 30, 1),
+        scale_down_stabilization_s=_int(spec, "scaleDownStabilizationSeconds",
+                                        FleetSpec.scale_down_stabilization_s, 0),
+        sync_interval_s=_int(spec, "syncIntervalSeconds", FleetSpec.sync_interval_s, 1),
         latency_api_url=url,
         latency_sidecar=sidecar,
-        image_pull_policy=str(spec.get("imagePullPolicy", "IfNotPresent")),
+        image_pull_policy=str(spec.get("imagePullPolicy", FleetSpec.image_pull_policy)),
         poller_env={k: str(v) for k, v in env.items()},
         resources=dict(spec.get("resources") or {}),
         sidecar_resources=dict(spec.get("sidecarResources") or {}),
-        termination_grace_s=_int(spec, "terminationGracePeriodSeconds", 30, 5),
-        stale_window_s=_int(spec, "staleJobsWindowSeconds", 120, 0),
-        failover_s=_int(spec, "failoverTimeoutSeconds", 15, 1),
+        termination_grace_s=_int(spec, "terminationGracePeriodSeconds",
+                                 FleetSpec.termination_grace_s, 5),
+        stale_window_s=_int(spec, "staleJobsWindowSeconds", FleetSpec.stale_window_s, 0),
+        failover_s=failover_s,
     )
 
 
