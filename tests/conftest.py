@@ -14,7 +14,6 @@ import pytest
 
 from poller.localpg import LocalPostgres, free_port
 from poller.sidecar import serve
-from tests.support import report
 from tests.support.control_plane import ControlPlane, find_binaries
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn, make_jwt, migrate_like_supabase
@@ -27,13 +26,6 @@ SERVICE_ROLE_KEY = make_jwt(JWT_SECRET, "service_role")
 ANON_KEY = make_jwt(JWT_SECRET, "anon")
 STANDIN_RTT_MS = 2.5
 _counter = itertools.count()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for title, lines in report.tables():
-        terminalreporter.write_sep("-", title)
-        for line in lines:
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
