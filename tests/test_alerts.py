@@ -87,6 +87,7 @@ async def _alerts(conn: asyncpg.Connection, job: UUID,
             for r in rows]
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(statuses=st.lists(STATUS, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
        seed=st.integers(0, 2**32), state=st.sampled_from(["ok", "offline_alerted"]),
@@ -248,6 +249,7 @@ async def test_two_writers_racing_make_the_transitions_once(dsn: str) -> None:
         await b.close()
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(STATUS, st.integers(0, 30_000)), max_size=60))
 def test_the_summary_counts_as_the_app_does(alerts_dsn: str,

@@ -171,6 +171,7 @@ async def test_clean_host(pinger: IcmpPinger, hosts: dict[str, NetnsHost]) -> No
     assert statistics.median(r.rtt_ms for r in results) < 5  # a veth hop, no added delay
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_lossy_host_loses_about_ten_percent(pinger: IcmpPinger,
                                                   hosts: dict[str, NetnsHost]) -> None:
     n = 1500
@@ -196,6 +197,7 @@ async def test_slow_host_answers_after_twenty_ms(pinger: IcmpPinger,
     assert min(rtts) >= 14  # type: ignore[type-var]  # the responder never answers early
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_absent_host_is_missed(pinger: IcmpPinger, hosts: dict[str, NetnsHost]) -> None:
     results = await ping_all(pinger, [hosts["clean"].absent_ip] * 5)
     assert all(r.status is SampleStatus.MISSED for r in results)

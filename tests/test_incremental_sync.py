@@ -12,6 +12,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import pytest
 
 from poller.localpg import LocalPostgres, free_port
 from poller.partition import BUCKETS, bucket, owns
@@ -158,6 +159,7 @@ async def test_the_service_takes_up_every_change_with_one_full_read(
         assert await svc.stop()
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_a_topology_change_is_a_full_read_and_moves_jobs_between_replicas(
         conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
     fleet = "soundcheck/inc"
@@ -224,6 +226,7 @@ class _HeldPages(PostgresStore):
         return await super().jobs_in_buckets(buckets, after, limit)
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_a_long_full_read_keeps_the_heartbeat_going(
         conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
     """A full read that outlasts the failover timeout must not make the fleet take this

@@ -180,6 +180,7 @@ async def test_the_poller_writes_sample_ids_in_time_order(conn: asyncpg.Connecti
     assert ids == sorted(ids) and len(set(ids)) == 8
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_jobs_keep_room_for_the_pollers_updates(conn: asyncpg.Connection) -> None:
     # Migration 016: each batch moves every written job's row; with room on its page the
     # new version is a HOT update (no new index entries, the table does not grow). The

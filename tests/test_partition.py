@@ -212,6 +212,7 @@ def test_liveness_adds_only_unseen_replicas_and_only_while_the_fleet_starts(
         assert live == plain  # a running fleet, or nobody up: as before
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 @settings(max_examples=100, deadline=None)
 @given(counts_st, st.data())
 def test_replicas_starting_together_each_ping_only_their_own_share(

@@ -47,6 +47,7 @@ async def get(svc: Service, path: str) -> tuple[int, object]:
             return resp.status, await (resp.text() if path == "/metrics" else resp.json())
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_a_cancelled_job_gets_no_ping_after_the_sync_that_saw_it(
         conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
     keep, cancel = await add_jobs(conn, ["127.0.0.1", "127.0.0.2"], cadence_seconds=1)
@@ -71,6 +72,7 @@ async def test_a_cancelled_job_gets_no_ping_after_the_sync_that_saw_it(
     assert late == 0
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_two_replicas_racing_complete_a_job_once_with_rollups(
         conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
     started = datetime.now(UTC) - timedelta(seconds=57.5)  # a 1-minute job, 2.5 s left
@@ -179,6 +181,7 @@ async def test_missing_sql_api_says_how_to_fix(fresh_db: str, standin: LatencySt
     assert len(said) == 1  # once a minute, not once per sync
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
         conn: asyncpg.Connection, dsn: str, standin: LatencyStandIn) -> None:
     await add_jobs(conn, [f"127.0.3.{i}" for i in range(1, 21)], cadence_seconds=1)

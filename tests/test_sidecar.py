@@ -47,6 +47,7 @@ async def test_bad_ip_gets_400(sidecar: str) -> None:
             assert body["elapsed"] > 0 and body["error"] is None
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_absent_host_is_classified_missed(sidecar: str) -> None:
     reason = unavailable_reason()
     if reason:

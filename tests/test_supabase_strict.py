@@ -174,6 +174,7 @@ async def test_migrating_the_live_app_database_never_blocks_it(fresh_db: str) ->
         await app.close()
 
 
+@pytest.mark.slow  # seconds: out of the fast lane
 async def test_migration_stops_with_a_hint_rather_than_queue_behind_a_lock(
         fresh_db: str) -> None:
     app = await asyncpg.connect(fresh_db)
