@@ -67,7 +67,9 @@ async def spec_changed(memo: kopf.Memo, **_: Any) -> None:
     _wake(memo).set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+# kopf's DaemonFn protocol spells out every keyword it passes; a handler that takes the
+# ones it uses and **_ for the rest is how kopf's own docs write them.
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)  # type: ignore[arg-type]
 async def fleet_loop(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
                      **_: Any) -> None:
     wake = _wake(memo)
@@ -117,7 +119,7 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
     now = time.monotonic()
     conds = set_condition(conds, "Ready", True, "Reconciled", "owned objects match the spec")
     try:
-        state = await load.fleet_state(key)
+        loaded = await load.fleet_state(key)
     except StoreError as exc:
         # Never resize (nor hand over) on a failed read: keep the size, say why.
         metrics.load_errors.labels(key).inc()
@@ -127,21 +129,22 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
             kopf.warn(body, reason="LoadUnavailable", message=f"keeping {pods} replicas: {exc}")
         step, desired, topology, state = Step(), pods, None, None
     else:
+        state = loaded
         # Decide.
-        decision = decide(state.running_jobs, pods, fleet, tuple(memo.get("history", ())), now)
+        decision = decide(loaded.running_jobs, pods, fleet, tuple(memo.get("history", ())), now)
         memo["history"] = decision.history
         desired = decision.desired
-        step = next_step(state.counts, state.epoch, pods, ready, desired, state.seen)
-        topology = step.publish or state.counts
-        conds = _stale_condition(body, conds, state.stale_jobs, memo, now,
+        step = next_step(loaded.counts, loaded.epoch, pods, ready, desired, loaded.seen)
+        topology = step.publish or loaded.counts
+        conds = _stale_condition(body, conds, loaded.stale_jobs, memo, now,
                                  window=float(fleet.stale_window_s))
-        conds = _silent_condition(body, conds, state, memo)
-        new["silentReplicas"] = ",".join(map(str, sorted(state.silent))) or None
-        metrics.replicas_silent.labels(key).set(len(state.silent))
+        conds = _silent_condition(body, conds, loaded, memo)
+        new["silentReplicas"] = ",".join(map(str, sorted(loaded.silent))) or None
+        metrics.replicas_silent.labels(key).set(len(loaded.silent))
         metrics.syncs.labels(key).inc()
-        for gauge, value in ((metrics.running_jobs, state.running_jobs),
-                             (metrics.stale_jobs, state.stale_jobs),
-                             (metrics.replicas_reporting, state.reporting),
+        for gauge, value in ((metrics.running_jobs, loaded.running_jobs),
+                             (metrics.stale_jobs, loaded.stale_jobs),
+                             (metrics.replicas_reporting, loaded.reporting),
                              (metrics.desired_replicas, desired)):
             gauge.labels(key).set(value)
         if step.waiting:
@@ -151,8 +154,8 @@ async def sync_fleet(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo
             memo.pop("waiting_since", None)
         metrics.handover_waiting.labels(key).set(waited)
         new.update(await _notices(key))
-        new.update({"runningJobs": state.running_jobs, "staleJobs": state.stale_jobs,
-                    "replicasReporting": state.reporting,
+        new.update({"runningJobs": loaded.running_jobs, "staleJobs": loaded.stale_jobs,
+                    "replicasReporting": loaded.reporting,
                     "topology": "+".join(map(str, topology or ())),
                     "handover": step.waiting or None})
     replicas = pods if step.scale_to is None else step.scale_to

@@ -61,7 +61,7 @@ def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 _HEADER = struct.Struct("!BBHHH")
@@ -281,8 +281,8 @@ class IcmpPinger:
                 rtt_ms = max(received_ns - wait.sent_ns, 1_000) / 1e6
                 wait.done(PingResult(SampleStatus.SUCCESS, round(rtt_ms, 3)))
         elif kind == _UNREACHABLE[fam.version] and fam.raw:
-            key = _quoted_echo(fam, data[8:])
-            wait = fam.waiting.pop(key, None) if key else None
+            quoted = _quoted_echo(fam, data[8:])
+            wait = fam.waiting.pop(quoted, None) if quoted else None
             if wait is not None:
                 wait.done(PingResult(SampleStatus.MISSED, None, UNREACHABLE_TEXT))
 
@@ -310,5 +310,5 @@ def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> int:
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
             sec, nsec = struct.unpack_from("qq", data)
-            return sec * 1_000_000_000 + nsec
+            return int(sec) * 1_000_000_000 + int(nsec)
     return time.time_ns()

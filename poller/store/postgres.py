@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -207,7 +208,8 @@ class PostgresStore:
                 self._pool.terminate()
             self._pool = None
 
-    async def _call(self, method: str, sql: str, *args: object) -> object:
+    async def _call(self, method: str, sql: str, *args: object) -> Any:
+        # Any: asyncpg's results are untyped (records, JSON text, scalars by the SQL).
         if self._pool is None:
             raise RuntimeError("PostgresStore.open() was not called")
         try:
@@ -247,17 +249,17 @@ class PostgresStore:
             await self._pool.release(conn, timeout=self._timeout)
 
     async def api_version(self) -> int:
-        return int(await self._call("fetchval", "select poller_api_version()"))  # type: ignore[arg-type]
+        return int(await self._call("fetchval", "select poller_api_version()"))
 
     async def job_changes(self, buckets: Sequence[int], cursor: int | None,
                           limit: int) -> Changes:
         rows = await self._call("fetch", _CHANGES_SQL, list(buckets), cursor, limit)
-        return _changes(rows)  # type: ignore[arg-type]
+        return _changes(rows)
 
     async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
                               limit: int) -> JobsPage:
         rows = await self._call("fetch", _BUCKETS_SQL, list(buckets), after, limit)
-        return _page(rows)  # type: ignore[arg-type]
+        return _page(rows)
 
     async def fleet_sync(self, fleet: str, replica_id: int, applied: Applied, leaving: bool,
                          owned_jobs: int, version: str, limit: int, cursor: int | None,
@@ -265,16 +267,16 @@ class PostgresStore:
         rows = await self._call("fetch", _FLEET_SQL, fleet, replica_id, applied.epoch,
                                 list(applied.counts), applied.at, leaving, owned_jobs,
                                 version, limit, cursor, list(buckets))
-        s = rows[0]  # type: ignore[index]
+        s = rows[0]
         return FleetSync(tuple(s["counts"]), s["epoch"], tuple(s["live"]), tuple(s["buckets"]),
-                         s["failover_s"], s["now"], s["taken_over"], _changes(rows))  # type: ignore[arg-type]
+                         s["failover_s"], s["now"], s["taken_over"], _changes(rows))
 
     async def fleet_state(self, fleet: str) -> FleetState:
         raw = await self._call("fetchval", "select poller_fleet_state($1)", fleet)
-        return FleetState.from_json(json.loads(raw))  # type: ignore[arg-type]
+        return FleetState.from_json(json.loads(raw))
 
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int:
-        return int(await self._call(  # type: ignore[arg-type]
+        return int(await self._call(
             "fetchval", "select poller_publish_topology($1, $2::int[])", fleet, list(counts)))
 
     async def set_failover(self, fleet: str, failover_s: int) -> None:
@@ -289,19 +291,20 @@ class PostgresStore:
             zip(*samples, strict=True) if samples else ((),) * 6)
         raw = await self._call("fetchval", _RECORD_SQL, ids, seqs, statuses, rtts, jitters,
                                ats, list(complete_job_ids), self._settle_s)
-        return RecordResult.from_json(json.loads(raw))  # type: ignore[arg-type]
+        return RecordResult.from_json(json.loads(raw))
 
     async def outbox_state(self) -> OutboxState:
         raw = await self._call("fetchval", "select poller_outbox_state()")
-        return OutboxState.from_json(json.loads(raw))  # type: ignore[arg-type]
+        return OutboxState.from_json(json.loads(raw))
 
     async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim:
         raw = await self._call("fetchval", "select poller_claim_notices($1, $2, $3)",
                                claimer, limit, lease_s)
-        return Claim.from_json(json.loads(raw))  # type: ignore[arg-type]
+        return Claim.from_json(json.loads(raw))
 
     async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
                             error: str | None, retry_s: float, max_attempts: int) -> str | None:
-        return await self._call(  # type: ignore[return-value]
+        outcome: str | None = await self._call(
             "fetchval", "select poller_finish_notice($1, $2, $3::text[], $4, $5::float8, $6)",
             notice_id, claimer, list(done), error, retry_s, max_attempts)
+        return outcome
