@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from .partition import ordinal_from_hostname
 from .targets import DEFAULT_DENY, parse_networks
 
+SmtpTls = Literal["starttls", "tls", "none"]
+SMTP_TLS_MODES: tuple[str, ...] = get_args(SmtpTls)
 SECRET_VARS = frozenset({"DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "NOTIFY_SMTP_PASSWORD",
                          "NOTIFY_WEBHOOK_URL"})
 
@@ -84,8 +86,7 @@ class Settings(BaseModel):
     notify_smtp_port: int = Field(587, ge=1, le=65535, alias="NOTIFY_SMTP_PORT")
     # starttls: upgrade a plain connection (port 587); tls: TLS from the start (465); none:
     # plain text, for a relay on the same host or network only.
-    notify_smtp_tls: Literal["starttls", "tls", "none"] = Field("starttls",
-                                                                alias="NOTIFY_SMTP_TLS")
+    notify_smtp_tls: SmtpTls = Field("starttls", alias="NOTIFY_SMTP_TLS")
     # A CA bundle (PEM) to trust for the SMTP server's certificate, e.g. an internal relay's.
     notify_smtp_ca_file: str | None = Field(None, min_length=1, alias="NOTIFY_SMTP_CA_FILE")
     notify_smtp_username: str | None = Field(None, min_length=1, alias="NOTIFY_SMTP_USERNAME")
@@ -183,14 +184,31 @@ def _check_database_url(dsn: str) -> None:
             raise ValueError("DATABASE_URL: the port is not a number from 1 to 65535")
 
 
+
+
+
+def smtp_auth_problem(tls: str, has_username: bool, has_password: bool) -> str | None:
+    """The SMTP authentication rules, written once: the poller checks its environment with
+    them and the operator a fleet's spec.notifications.email, each naming its own fields.
+    Which rule is broken: "pair" (a username without a password or the reverse),
+    "cleartext" (a password without TLS), or None."""
+    if has_username != has_password:
+        return "pair"
+    if has_password and tls == "none":
+        return "cleartext"
+    return None
+
+
 def _check_notify(s: Settings) -> None:
     if s.notify_smtp_host is not None and not s.notify_mail_from:
         raise ValueError("NOTIFY_MAIL_FROM: required with NOTIFY_SMTP_HOST (the sender)")
     if s.notify_mail_from is not None and "@" not in s.notify_mail_from:
         raise ValueError("NOTIFY_MAIL_FROM: not an email address")
-    if (s.notify_smtp_username is None) != (s.notify_smtp_password is None):
+    problem = smtp_auth_problem(s.notify_smtp_tls, s.notify_smtp_username is not None,
+                                s.notify_smtp_password is not None)
+    if problem == "pair":
         raise ValueError("NOTIFY_SMTP_USERNAME: set it together with NOTIFY_SMTP_PASSWORD")
-    if s.notify_smtp_password is not None and s.notify_smtp_tls == "none":
+    if problem == "cleartext":
         raise ValueError("NOTIFY_SMTP_TLS: none would send NOTIFY_SMTP_PASSWORD in clear "
                          "text; use starttls or tls")
     if s.notify_smtp_ca_file is not None and not os.path.isfile(s.notify_smtp_ca_file):

@@ -10,7 +10,7 @@ from pollerfleet.handover import Step, next_step
 from pollerfleet.sizing import decide, recommend
 from pollerfleet.spec import FleetSpec, SpecError, parse
 
-from poller.settings import Settings
+from poller.settings import SMTP_TLS_MODES, Settings
 
 BASE: dict[str, Any] = {
     "image": "img:1",
@@ -311,6 +311,10 @@ def test_crd_defaults_are_the_operators() -> None:
                     "database": {"secretName": "s", "databaseUrlKey": "k"}})
     for key, attr in CRD_TO_SPEC.items():
         assert props[key]["default"] == getattr(parsed, attr), key
+    email = props["notifications"]["properties"]["email"]["properties"]
+    from pollerfleet.spec import EmailSpec
+    assert (email["port"]["default"], email["tls"]["default"]) == (EmailSpec.port, EmailSpec.tls)
+    assert email["tls"]["enum"] == list(SMTP_TLS_MODES)
 
 
 @pytest.mark.parametrize(("failover", "poll_ms", "ok"), [

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from poller.settings import Settings
+from poller.settings import SMTP_TLS_MODES, Settings, smtp_auth_problem
 
 # What the operator sets from the spec itself (the database from the Secret, the Latency API,
 # notifications from spec.notifications and their Secret, the pod's identity and port):
@@ -26,7 +26,6 @@ SET_BY_THE_OPERATOR = frozenset({
 POLLER_ENV = frozenset(
     field.alias for field in Settings.model_fields.values() if field.alias
 ) - SET_BY_THE_OPERATOR
-_SMTP_TLS = ("starttls", "tls", "none")
 
 
 class SpecError(ValueError):
@@ -56,8 +55,9 @@ class SecretKey:
 class EmailSpec:
     host: str
     sender: str
-    port: int = 587
-    tls: str = "starttls"
+    # The poller's own defaults (NOTIFY_SMTP_PORT, NOTIFY_SMTP_TLS), so a fleet gets the same.
+    port: int = Settings.model_fields["notify_smtp_port"].default
+    tls: str = Settings.model_fields["notify_smtp_tls"].default
     username: SecretKey | None = None
     password: SecretKey | None = None
 
@@ -223,17 +223,18 @@ def _notifications(raw: Any) -> Notifications:
         sender = _str(mail, "from", where, required=True)
         if sender is None or "@" not in sender:
             raise SpecError(f"{where}.from: not an email address")
-        tls = mail.get("tls", "starttls")
-        if tls not in _SMTP_TLS:
-            raise SpecError(f"{where}.tls: one of {', '.join(_SMTP_TLS)}, got {tls!r}")
-        port = _int(mail, "port", 587, 1, where)
+        tls = mail.get("tls", EmailSpec.tls)
+        if tls not in SMTP_TLS_MODES:
+            raise SpecError(f"{where}.tls: one of {', '.join(SMTP_TLS_MODES)}, got {tls!r}")
+        port = _int(mail, "port", EmailSpec.port, 1, where)
         if port > 65535:
             raise SpecError(f"{where}.port: must be at most 65535, got {port}")
         user = _secret_key(mail, "secretName", "usernameKey", where)
         password = _secret_key(mail, "secretName", "passwordKey", where)
-        if (user is None) != (password is None):
+        problem = smtp_auth_problem(tls, user is not None, password is not None)
+        if problem == "pair":
             raise SpecError(f"{where}: usernameKey and passwordKey go together")
-        if password is not None and tls == "none":
+        if problem == "cleartext":
             raise SpecError(f"{where}.tls: none would send the password in clear text")
         email = EmailSpec(str(host), sender, port, str(tls), user, password)
     webhook = None
