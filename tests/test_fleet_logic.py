@@ -335,3 +335,15 @@ def test_failover_timeout_is_checked_against_the_sync_interval(
     else:
         with pytest.raises(SpecError, match=r"^spec\.failoverTimeoutSeconds: "):
             parse(spec)
+
+
+def test_the_crd_coordinates_are_the_operators() -> None:
+    from pathlib import Path
+
+    import yaml
+    from pollerfleet.crd import GROUP, PLURAL, VERSION
+
+    crd = yaml.safe_load((Path(__file__).parents[1] / "crds" / "pollerfleet.yaml").read_text())
+    assert crd["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    assert (crd["spec"]["group"], crd["spec"]["names"]["plural"]) == (GROUP, PLURAL)
+    assert [v["name"] for v in crd["spec"]["versions"] if v["served"]] == [VERSION]

@@ -28,11 +28,11 @@ from poller.store import FleetState, StoreError
 
 from . import kube, load, metrics, render
 from .conditions import is_true, now_iso, set_condition
+from .crd import GROUP, PLURAL, VERSION
 from .handover import Step, next_step
 from .sizing import decide
 from .spec import FleetSpec, SpecError, parse
 
-GROUP, VERSION, PLURAL = "soundcheck.io", "v1alpha1", "pollerfleets"
 _ERROR_RETRY_S = 5.0  # after an unexpected error (the API server refused a write, …)
 
 log = logging.getLogger("pollerfleet")
@@ -43,9 +43,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     # Keep kopf's bookkeeping in annotations of our own prefix, not in .status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix="soundcheck.io")
+        prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="soundcheck.io", key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration")
     metrics.serve()
 
 

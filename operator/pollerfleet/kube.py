@@ -13,6 +13,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from .crd import GROUP, PLURAL, VERSION
+
 TIMEOUT_S = 10
 
 _api: client.ApiClient | None = None
@@ -67,7 +69,7 @@ def patch_fleet_status(namespace: str, name: str, changes: dict[str, Any]) -> No
     """A JSON merge patch of the PollerFleet's status (custom resources take no strategic
     merge: the client's default content type for a dict would be refused)."""
     client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
-        "soundcheck.io", "v1alpha1", namespace, "pollerfleets", name, {"status": changes},
+        GROUP, VERSION, namespace, PLURAL, name, {"status": changes},
         _content_type="application/merge-patch+json", _request_timeout=TIMEOUT_S)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 from typing import Any
 
+from .crd import GROUP
 from .spec import FleetSpec
 
 PORT = 3000
@@ -21,11 +22,11 @@ SIDECAR_HEALTH_PORT = 4403  # /health alone, for the kubelet's probe of the pod 
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 # The digest of what the operator last applied: it applies again only when this changes, so
 # a quiet fleet costs no writes and values the API server normalises cause no churn.
-APPLIED_HASH = "soundcheck.io/applied-hash"
+APPLIED_HASH = f"{GROUP}/applied-hash"
 # The size the operator last applied. The StatefulSet's own replicas can be changed behind
 # its back (`kubectl scale`); this annotation cannot be by that, so the operator decides from
 # its own size and puts the StatefulSet back.
-APPLIED_REPLICAS = "soundcheck.io/replicas"
+APPLIED_REPLICAS = f"{GROUP}/replicas"
 
 
 def labels(name: str) -> dict[str, str]:

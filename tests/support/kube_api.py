@@ -33,6 +33,7 @@ import kopf
 from kmock._internal import enums
 from kubernetes import client as kc
 from pollerfleet import kube
+from pollerfleet.crd import GROUP, PLURAL, VERSION
 
 from poller.progress import Progress
 from tests.support.k8s_patch import server_side_apply, strategic_merge
@@ -180,7 +181,7 @@ class OperatorThread:
 
 
 NS = "default"
-FLEETS = kmock.resource("soundcheck.io", "v1alpha1", "pollerfleets")
+FLEETS = kmock.resource(GROUP, VERSION, PLURAL)
 STS = kmock.resource("apps", "v1", "statefulsets")
 SVC = kmock.resource("", "v1", "services")
 PDB = kmock.resource("policy", "v1", "poddisruptionbudgets")
