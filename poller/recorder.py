@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .models import RecordResult, Sample
 from .progress import Progress
 from .store import (
-    Store,
+    RecorderStore,
     StoreDataError,
     StoreError,
     StoreMisconfigured,
@@ -47,7 +47,7 @@ _DROP_LOG_EVERY_S = 10.0
 class Recorder:
     def __init__(
         self,
-        store: Store,
+        store: RecorderStore,
         metrics: Metrics,
         *,
         batch_size: int,

@@ -14,8 +14,8 @@ from poller.settings import ConfigError, Settings
 from poller.store import (
     OPERATOR_API_VERSION,
     FleetState,
+    OperatorStore,
     OutboxState,
-    Store,
     StoreMisconfigured,
     check_api_version,
     make_store,
@@ -24,10 +24,10 @@ from poller.store import (
 _VARS = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DB_TIMEOUT_MS",
          "DATABASE_PREPARED_STATEMENTS")
 
-_store: Store | None = None
+_store: OperatorStore | None = None
 
 
-async def _opened() -> Store:
+async def _opened() -> OperatorStore:
     global _store
     if _store is None:
         try:

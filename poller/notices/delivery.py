@@ -21,7 +21,7 @@ from ..metrics import Metrics
 from ..models import Notice
 from ..progress import Progress
 from ..settings import Settings
-from ..store import Store, StoreError, raise_if_cancelling
+from ..store import NoticeStore, StoreError, raise_if_cancelling
 from . import Channel, DeliveryError
 
 log = logging.getLogger("poller.notices")
@@ -30,7 +30,7 @@ CLAIM_LIMIT = 10
 
 
 class Deliverer:
-    def __init__(self, store: Store, channels: list[Channel], settings: Settings,
+    def __init__(self, store: NoticeStore, channels: list[Channel], settings: Settings,
                  metrics: Metrics) -> None:
         self.store = store
         self.channels = channels

@@ -58,25 +58,19 @@ def error_for_sqlstate(sqlstate: str, text: str) -> StoreError:
     return StoreUnavailable(text)
 
 
-class Store(Protocol):
+class Lifecycle(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def api_version(self) -> int: ...
 
+
+class SyncStore(Lifecycle, Protocol):
+    """What the sync stage reads: the owned jobs (changes or pages) and the fleet's state."""
+
     async def job_changes(self, buckets: Sequence[int], cursor: int | None,
                           limit: int) -> Changes: ...
-
-    async def record_batch(
-        self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
-    ) -> RecordResult: ...
-
-    async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim: ...
-
-    async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
-                            error: str | None, retry_s: float, max_attempts: int
-                            ) -> str | None: ...
 
     async def jobs_in_buckets(self, buckets: Sequence[int], after: UUID | None,
                               limit: int) -> JobsPage: ...
@@ -85,6 +79,28 @@ class Store(Protocol):
                          owned_jobs: int, version: str, limit: int, cursor: int | None,
                          buckets: Sequence[int]) -> FleetSync: ...
 
+
+class RecorderStore(Protocol):
+    """What the recorder writes: a batch of samples and the jobs it completes."""
+
+    async def record_batch(
+        self, samples: Sequence[Sample], complete_job_ids: Sequence[UUID]
+    ) -> RecordResult: ...
+
+
+class NoticeStore(Protocol):
+    """What notice delivery claims and records."""
+
+    async def claim_notices(self, claimer: str, limit: int, lease_s: int) -> Claim: ...
+
+    async def finish_notice(self, notice_id: int, claimer: str, done: Sequence[str],
+                            error: str | None, retry_s: float, max_attempts: int
+                            ) -> str | None: ...
+
+
+class OperatorStore(Lifecycle, Protocol):
+    """What the operator reads and publishes for a fleet."""
+
     async def fleet_state(self, fleet: str) -> FleetState: ...
 
     async def publish_topology(self, fleet: str, counts: Sequence[int]) -> int: ...
@@ -92,6 +108,11 @@ class Store(Protocol):
     async def set_failover(self, fleet: str, failover_s: int) -> None: ...
 
     async def outbox_state(self) -> OutboxState: ...
+
+
+class Store(SyncStore, RecorderStore, NoticeStore, OperatorStore, Protocol):
+    """The whole SQL API, as both transports implement it (make_store); each client takes
+    only its part above, so a test fake implements only what its client calls."""
 
 
 @dataclass(frozen=True)
