@@ -92,13 +92,13 @@ async def main(jobs: int, quiet: int, edits: int) -> None:
                 walls, cpus, db = [], [], []
                 for _ in range(n):
                     if full:
-                        svc.resync()
+                        svc.sync.resync()
                     c, t = _cpu(), time.perf_counter()
                     await svc.sync_once()
                     walls.append(time.perf_counter() - t)
                     cpus.append(_cpu() - c)
                     d = time.perf_counter()
-                    buckets, cursor = svc.sync_position
+                    buckets, cursor = svc.sync.position
                     await conn.fetchval("select poller_job_changes($1, $2::xid8, 25000)",
                                         list(buckets), cursor)
                     db.append(time.perf_counter() - d)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +22,6 @@ from .metrics import Metrics
 from .models import SampleStatus
 from .notices import Channel, make_channels
 from .notices.delivery import Deliverer
-from .partition import owned_buckets
 from .pingers import Pinger
 from .pingers.latency_api import LatencyApiPinger
 from .prober import Prober
@@ -33,16 +32,14 @@ from .scheduler import Scheduler
 from .settings import Settings
 from .store import (
     API_VERSION,
-    Applied,
-    Changes,
     Store,
     StoreError,
     StoreMisconfigured,
     check_api_version,
     make_store,
-    pages,
     raise_if_cancelling,
 )
+from .sync import Sync
 from .targets import TargetPolicy, parse_networks
 
 log = logging.getLogger("poller")
@@ -109,20 +106,8 @@ class Service:
         self.deliverer = (Deliverer(self.store, channels, s, self.metrics) if channels
                           else None)
         self.metrics.notice_channels.set(len(channels))
-        self.replica_counts = [s.replica_count]
-        self.applied = Applied()  # the fleet topology the scheduler has taken up
-        # Where the last sync left off: its cursor, the buckets it covered, when the last
-        # full read was (monotonic).
-        self._cursor: int | None = None
-        self._buckets: tuple[int, ...] = ()
-        self._full_at: float | None = None
-        # Without a fleet the buckets never change: REPLICA_ID's share of REPLICA_COUNT (in a
-        # fleet each sync brings them).
-        self._static_buckets = () if s.fleet_name else tuple(
-            sorted(owned_buckets(s.replica_id, [s.replica_count])))
-        self.live: tuple[int, ...] = ()  # the fleet's live replicas, as of the last sync
-        self.leaving = False  # stopping in a fleet: others are taking this replica's share
-        self.handed_over = asyncio.Event()  # … and have, as far as the database has seen
+        # The sync stage (store → scheduler) and the fleet membership it reports.
+        self.sync = Sync(s, self.store, self.scheduler, self.metrics, self.progress)
         self._sync_now = asyncio.Event()
         self.crashed = False
         self.stopping = asyncio.Event()
@@ -200,75 +185,16 @@ class Service:
                  self.metrics.value("soundcheck_poller_samples_written_total"))
         return complete
 
-    @property
-    def sync_position(self) -> tuple[tuple[int, ...], int | None]:
-        """The buckets and the cursor the next sync starts from."""
-        return self._buckets, self._cursor
-
-    def resync(self) -> None:
-        """Make the next sync a full read."""
-        self._full_at = None
-
-    async def _take_up(self, changes: Changes, buckets: tuple[int, ...]) -> None:
-        """Apply a sync's changes, or replace the owned set by a full read (its first page
-        came with the sync); the cursor is kept only once all of it is applied."""
-        if changes.full:
-            # Taken up page by page as they arrive: pings go on meanwhile.
-            async with self._heartbeats_meanwhile():
-                await self.scheduler.replace(pages(lambda after: self.store.jobs_in_buckets(
-                    buckets, after, self.settings.sync_page_size), changes))
-            self._full_at = time.monotonic()
-            self.metrics.full_syncs.inc()
-        else:
-            await self.scheduler.apply(changes.jobs, changes.gone)
-        self._cursor, self._buckets = changes.cursor, buckets
-
-    @contextlib.asynccontextmanager
-    async def _heartbeats_meanwhile(self) -> AsyncIterator[None]:
-        """Keep this replica's heartbeat going while a full read is taken up.
-
-        The sync is the heartbeat, and the next sync waits for this read: a large read on a
-        busy machine (500,000 jobs took 70 s here) would outlast the failover timeout, the
-        others would take this replica's buckets (so their own buckets move, so they do a
-        full read too) and every replica would end up pinging everything. A heartbeat-only
-        sync each POLL_INTERVAL_MS reports the state applied so far, which is the truth:
-        what it serves is ignored (one job asked for, dropped). Without a fleet there is no
-        heartbeat to keep."""
-        if not self.settings.fleet_name:
-            yield
-            return
-        task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _heartbeat_loop(self) -> None:
-        s = self.settings
-        assert s.fleet_name
-        while True:
-            await asyncio.sleep(s.poll_interval_ms / 1000)
-            try:
-                await self.store.fleet_sync(s.fleet_name, s.replica_id, self.applied,
-                                            self.leaving, len(self.scheduler.jobs),
-                                            __version__, 1, self._cursor, self._buckets)
-                self.metrics.heartbeats.inc()
-                self.progress.notify()
-            except StoreError as exc:  # the read goes on; the next sync reports failures
-                log.debug("heartbeat during a full read failed: %s", exc)
-
     async def _hand_over(self, deadline: float) -> None:
         """Say this replica is leaving and keep pinging until every live replica has applied
         a sync made after that (so they ping its share), within half the grace: a graceful
         stop (rolling update, eviction, scale-down) then leaves no slot unpinged."""
         budget = _left(deadline) / 2
-        self.leaving = True
+        self.sync.leaving = True
         self._sync_now.set()
         try:
             async with asyncio.timeout(budget):
-                await self.handed_over.wait()
+                await self.sync.handed_over.wait()
             log.info("handed over: the live replicas ping this replica's share")
         except TimeoutError:
             log.warning("stopping after %.1fs without a confirmed handover: the others take "
@@ -331,40 +257,12 @@ class Service:
             self._sync_now.clear()
             # Leaving: sync often, so the handover is seen as soon as it happens.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(interval, 0.25) if self.leaving else interval):
+                async with asyncio.timeout(min(interval, 0.25) if self.sync.leaving
+                                         else interval):
                     await self._sync_now.wait()
 
     async def sync_once(self) -> None:
-        s = self.settings
-        # The cursor of the last sync, unless a full read is due
-        # (docs/architecture.md, "Incremental sync").
-        cursor = self._cursor
-        if self._full_at is None or time.monotonic() - self._full_at > s.sync_full_interval_s:
-            cursor = None
-        if s.fleet_name:
-            # The topology comes with the changes, and this sync is our heartbeat: it
-            # reports the topology applied by the previous sync, never the one served now.
-            synced = await self.store.fleet_sync(s.fleet_name, s.replica_id, self.applied,
-                                                 self.leaving, len(self.scheduler.jobs),
-                                                 __version__, s.sync_page_size, cursor,
-                                                 self._buckets)
-            if list(synced.counts) != self.replica_counts:
-                log.info("topology %s (epoch %d): replica %d now owns its share under it",
-                         "+".join(map(str, synced.counts)), synced.epoch, s.replica_id)
-                self.replica_counts = list(synced.counts)
-            if synced.live != self.live:
-                log.info("live replicas: %s (failover after %ds of silence); the buckets of "
-                         "the others are shared among them", ",".join(map(str, synced.live))
-                         or "none", synced.failover_s)
-                self.live = synced.live
-            await self._take_up(synced.changes, synced.buckets)
-            self.applied = Applied(synced.epoch, synced.counts, synced.now)
-            if self.leaving and synced.taken_over:
-                self.handed_over.set()
-        else:
-            changes = await self.store.job_changes(self._static_buckets, cursor,
-                                                   s.sync_page_size)
-            await self._take_up(changes, self._static_buckets)
+        await self.sync.once()
         if not self.first_sync_done or self.sync_error:
             log.info("synced: %d jobs owned", len(self.scheduler.jobs))
         self.first_sync_done = True
@@ -373,6 +271,10 @@ class Service:
         self.metrics.syncs.inc()
         self.metrics.owned_jobs.set(len(self.scheduler.jobs))
         self.metrics.last_sync.set(time.time())
+
+    @property
+    def replica_counts(self) -> list[int]:
+        return self.sync.replica_counts
 
     # Probes ------------------------------------------------------------------------------
 
@@ -407,7 +309,7 @@ class Service:
             "status": "stuck" if stuck else "ok",
             "stuck_loops": stuck,
             "version": __version__,
-            "replica": f"{s.replica_id}/{'+'.join(map(str, self.replica_counts))}",
+            "replica": f"{s.replica_id}/{'+'.join(map(str, self.sync.replica_counts))}",
             "owned_jobs": len(self.scheduler.jobs),
             "pings_in_flight": self.prober.in_flight,
             "pings_pending": self.prober.pending,

@@ -124,7 +124,7 @@ def test_ordinal_from_hostname(host: str, ordinal: int | None) -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from poller.partition import owned_buckets_live, owner, rendezvous  # noqa: E402
+from tests.support.partition_model import owned_buckets_live, owner, rendezvous  # noqa: E402
 
 counts_st = st.integers(min_value=1, max_value=12)
 live_st = st.frozensets(st.integers(min_value=0, max_value=11), min_size=1)
@@ -182,7 +182,7 @@ async def test_sql_live_ownership_matches_python(conn: asyncpg.Connection) -> No
 
 
 # Liveness: while a fleet starts, the replicas not seen yet count as live.
-from poller.partition import Heartbeat, live_replicas  # noqa: E402
+from tests.support.partition_model import Heartbeat, live_replicas  # noqa: E402
 
 FAILOVER = 15.0
 beat_st = st.builds(

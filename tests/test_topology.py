@@ -15,12 +15,13 @@ import asyncpg
 import pytest
 
 from poller.localpg import free_port
-from poller.partition import bucket, owned_buckets, owned_buckets_live, owns
+from poller.partition import bucket, owned_buckets, owns
 from poller.service import Service
 from poller.settings import Settings
 from tests.conftest import DbEnv
 from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
+from tests.support.partition_model import owned_buckets_live
 
 FLEET = "soundcheck/pf"
 

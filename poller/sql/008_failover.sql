@@ -1,6 +1,6 @@
 -- SQL API version 5: failover. A bucket whose primary replica is not live (leaving, or
 -- silent longer than the fleet's failover timeout) is pinged by the live replica that wins
--- the rendezvous hash of bucket and replica (poller/partition.py mirrors these functions);
+-- the rendezvous hash of bucket and replica (tests/support/partition_model.py mirrors these functions);
 -- a leaving replica learns when the others have taken its share. Additive: heartbeats and
 -- topology gain columns, earlier functions stay for pollers of earlier releases.
 set local lock_timeout = '5s';

@@ -3,7 +3,7 @@
 -- its next sync (at a million jobs: a full read of all of them, sample buffers
 -- overflowing for minutes). Now, while every live replica's process started within the
 -- failover timeout, the replicas of the topology not seen yet count as live, as if they
--- had synced when the first one started (poller/partition.py, `live_replicas`, is the
+-- had synced when the first one started (tests/support/partition_model.py, `live_replicas`, is the
 -- same rule). One that does not come up within the timeout is taken over as a silent one
 -- is. Same arguments and answers (API version 7).
 set local lock_timeout = '5s';
