@@ -403,10 +403,6 @@ class NodeAgent:
         return {p.name for p in self.pods.values()
                 if all(c.ready for c in p.containers.values())}
 
-    def container_log(self, pod: str, container: str) -> str:
-        return "".join(p.read_text(errors="replace") for p in
-                       sorted(self.logs.glob(f"{pod}-{container}-*.log")))
-
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
