@@ -95,8 +95,8 @@ class Metrics:
         )
         self.late = Counter(
             "soundcheck_poller_samples_late",
-            "Samples refused because their job was already completed (README, \"Late "
-            "samples\")", registry=r,
+            "Samples refused because their job was already completed (migration 017)",
+            registry=r,
         )
         self.skipped = Counter(
             "soundcheck_poller_slots_skipped",

@@ -184,9 +184,6 @@ def _check_database_url(dsn: str) -> None:
             raise ValueError("DATABASE_URL: the port is not a number from 1 to 65535")
 
 
-
-
-
 def smtp_auth_problem(tls: str, has_username: bool, has_password: bool) -> str | None:
     """The SMTP authentication rules, written once: the poller checks its environment with
     them and the operator a fleet's spec.notifications.email, each naming its own fields.
