@@ -32,7 +32,7 @@ from pollerfleet.spec import parse
 from poller.localpg import LocalPostgres
 from tests.conftest import TEMPLATE
 from tests.support.control_plane import ControlPlane
-from tests.support.k8s_deploy import Operator, get, kubectl, start_operator
+from tests.support.k8s_deploy import Operator, get, kubectl, ready_condition, start_operator
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -77,8 +77,7 @@ class Deployed:
 
 
 def _ready(fleet: dict[str, Any]) -> bool:
-    conds = fleet.get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    return ready_condition(fleet).get("status") == "True"
 
 
 async def _database(pg: LocalPostgres) -> str:

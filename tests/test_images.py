@@ -28,6 +28,7 @@ from tests.support.k8s_deploy import (
     get,
     kubectl,
     operator_kubeconfig,
+    ready_condition,
 )
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.podman import (
@@ -232,8 +233,7 @@ async def test_operator_image_acts_on_a_fleet_as_its_service_account(
 
     async def invalid_spec() -> bool:
         got = await asyncio.to_thread(get, control_plane, ns, "pollerfleet/img")
-        conds = got.get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c.get("reason") == "InvalidSpec" for c in conds)
+        return ready_condition(got).get("reason") == "InvalidSpec"
 
     await eventually(invalid_spec, timeout=60, interval=0.2, what="Ready=False/InvalidSpec")
     status, _ = await get_json(f"http://127.0.0.1:{port}/healthz")

@@ -26,6 +26,7 @@ import pytest
 from poller.localpg import free_port
 from tests.support.control_plane import ControlPlane
 from tests.support.db import add_jobs
+from tests.support.k8s_deploy import ready_condition
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.processes import PollerProcess
 from tests.support.waiting import eventually
@@ -83,11 +84,6 @@ def venv(dists: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> It
     installed = [item["metadata"]["name"] for item in json.loads(out)["install"]]
     assert installed == ["soundcheck-poller"], installed
     yield where
-
-
-def ready_reason(fleet_json: str) -> str | None:
-    conds = json.loads(fleet_json).get("status", {}).get("conditions", [])
-    return next((c.get("reason") for c in conds if c["type"] == "Ready"), None)
 
 
 def py(venv: Path) -> str:
@@ -197,7 +193,7 @@ async def test_installed_operator_loads_its_handlers_against_a_real_api_server(
         async def invalid_spec() -> bool:
             got = await asyncio.to_thread(run, [*kubectl, "-n", ns, "get", "pollerfleet/wf",
                                                 "-o", "json"], tmp_path)
-            return ready_reason(got) == "InvalidSpec"
+            return ready_condition(json.loads(got)).get("reason") == "InvalidSpec"
 
         await eventually(invalid_spec, timeout=60, interval=0.2, what="Ready=False/InvalidSpec")
         async with aiohttp.ClientSession() as session, session.get(

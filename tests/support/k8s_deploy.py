@@ -35,6 +35,12 @@ def get(plane: ControlPlane, ns: str, *what: str) -> Any:
     return json.loads(kubectl(plane, "-n", ns, "get", *what, "-o", "json"))
 
 
+def ready_condition(fleet: dict[str, Any]) -> dict[str, Any]:
+    """A PollerFleet's Ready condition as its status says it ({} while there is none)."""
+    conds = (fleet.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == "Ready"), {})
+
+
 def apply_manifests(plane: ControlPlane, ns: str, work: Path) -> None:
     """The CRD, then manifests/ through a kustomization of the documented kind
     (`resources: [<repo>/manifests]`) that moves it to `ns`. The operator Deployment is kept
@@ -70,22 +76,34 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(one, text)
 
 
-def container_env(plane: ControlPlane, ns: str, container: dict[str, Any],
-                  pod_name: str) -> dict[str, str]:
-    """The container's env as a kubelet makes it: values (with `$(VAR)` expanded),
-    secretKeyRef read from the Secret (as admin, as the kubelet reads it with its own rights)
-    and the pod's metadata.name and metadata.namespace fieldRefs."""
+def secrets_named(container: dict[str, Any]) -> set[str]:
+    """The Secrets a container's env reads (secretKeyRef)."""
+    return {item["valueFrom"]["secretKeyRef"]["name"] for item in container.get("env", [])
+            if "secretKeyRef" in item.get("valueFrom", {})}
+
+
+def pod_fields(meta: dict[str, Any], node: str) -> dict[str, str]:
+    """The fieldRef paths a pod's env may name, with their values."""
+    fields = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
+              "spec.nodeName": node}
+    fields |= {f"metadata.labels['{k}']": v for k, v in (meta.get("labels") or {}).items()}
+    return fields
+
+
+def container_env(container: dict[str, Any], secrets: dict[str, dict[str, str]],
+                  fields: dict[str, str]) -> dict[str, str]:
+    """The container's env as a kubelet makes it: values with `$(VAR)` expanded,
+    secretKeyRef from `secrets` (name -> the Secret's base64 data, as the caller read it)
+    and fieldRef from `fields` (pod_fields)."""
     env: dict[str, str] = {}
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = expand(item["value"], env)
         elif "secretKeyRef" in item["valueFrom"]:
             ref = item["valueFrom"]["secretKeyRef"]
-            secret = get(plane, ns, "secret", ref["name"])
-            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            env[item["name"]] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
         else:
-            path = item["valueFrom"]["fieldRef"]["fieldPath"]
-            env[item["name"]] = {"metadata.namespace": ns, "metadata.name": pod_name}[path]
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
     return env
 
 
@@ -113,7 +131,10 @@ def start_operator(plane: ControlPlane, ns: str, work: Path) -> Operator:
     deployment = get(plane, ns, "deployment", OPERATOR_SA)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     health_port = free_port()
-    container_vars = container_env(plane, ns, container, f"{OPERATOR_SA}-local")
+    # Secrets read as admin, as the kubelet reads them with its own rights.
+    secrets = {name: get(plane, ns, "secret", name)["data"] for name in secrets_named(container)}
+    container_vars = container_env(container, secrets, pod_fields(
+        {"name": f"{OPERATOR_SA}-local", "namespace": ns}, "local"))
     args = [expand(a, container_vars).replace("0.0.0.0:8080", f"127.0.0.1:{health_port}")
             for a in container["args"]]
     bin_dir = str(Path(sys.executable).parent)

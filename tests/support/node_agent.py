@@ -28,7 +28,6 @@ volumes other than the host's /tmp, exec or TCP probes, init containers or servi
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime
 import json
@@ -46,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from tests.support.control_plane import ADMIN_TOKEN, ControlPlane
-from tests.support.k8s_deploy import expand
+from tests.support.k8s_deploy import container_env, expand, pod_fields, secrets_named
 
 log = logging.getLogger("tests.node_agent")
 BIN = str(Path(sys.executable).parent)
@@ -272,27 +271,13 @@ class NodeAgent:
         return code == 200
 
     async def container_env(self, pod: dict[str, Any], spec: dict[str, Any]) -> dict[str, str]:
-        env: dict[str, str] = {}
         meta = pod["metadata"]
-        for item in spec.get("env", []):
-            if "value" in item:
-                env[item["name"]] = expand(item["value"], env)
-                continue
-            source = item["valueFrom"]
-            if "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                _, secret = await self._call(
-                    "GET", f"/api/v1/namespaces/{meta['namespace']}/secrets/{ref['name']}")
-                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-            else:
-                path = source["fieldRef"]["fieldPath"]
-                if path.startswith("metadata.labels['"):
-                    env[item["name"]] = meta["labels"][path[len("metadata.labels['"):-2]]
-                else:
-                    env[item["name"]] = {"metadata.name": meta["name"],
-                                         "metadata.namespace": meta["namespace"],
-                                         "spec.nodeName": self.node}[path]
-        return env
+        secrets = {}
+        for name in secrets_named(spec):
+            _, secret = await self._call(
+                "GET", f"/api/v1/namespaces/{meta['namespace']}/secrets/{name}")
+            secrets[name] = secret["data"]
+        return container_env(spec, secrets, pod_fields(meta, self.node))
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
