@@ -60,6 +60,14 @@ def test_citations_of_docs_sections_name_real_headings() -> None:
     assert cited > 10
 
 
+def test_citations_of_the_readme_name_its_headings() -> None:
+    """The README keeps only a few sections; a citation of one it no longer has is stale."""
+    readme = headings(ROOT / "README.md")
+    for path in CODE:
+        for heading in re.findall(r'README, \\?"([^"\\]+)', path.read_text()):
+            assert heading in readme, (path.name, heading)
+
+
 def test_relative_links_resolve() -> None:
     for path in [ROOT / "README.md", ROOT / "CHANGELOG.md", *DOCS.rglob("*.md")]:
         for href in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
