@@ -1,11 +1,17 @@
-"""Benchmark: one migration's poller_record_samples against another's, on the same data.
+"""Benchmark: poller_record_samples of one commit against another's, on the same data.
 
 A throwaway real Postgres with every migration applied; both bodies are installed beside
 each other under other names (rec_old, rec_new) and called in turn, in alternating order,
 each with a batch of one new sample per running job. Printed: the median and mean wall time
 per batch (loopback, so database time) for each, and their ratio.
 
-    python bench/bench_record_versions.py [--old 013] [--new 017] [--jobs 1000] [--rounds 60]
+A version is a git commit (the function as that commit defined it: in
+poller/sql/repeatable/50_samples.sql, or, before that layout, in the last migration that
+redefined it) or `worktree`, the checkout's own file. The default compares 0.1.0 with the
+checkout (0.2.0 added the refusal of late samples).
+
+    python bench/bench_record_versions.py [--old e8a885f] [--new worktree] [--jobs 1000] \
+        [--rounds 60]
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -27,11 +34,29 @@ from poller.localpg import LocalPostgres  # noqa: E402
 from poller.migrate import migrate  # noqa: E402
 from tests.support.db import add_jobs  # noqa: E402
 
+FILE = "poller/sql/repeatable/50_samples.sql"
+DEFINITION = "create or replace function poller_record_samples("
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def source(version: str) -> str:
+    """The SQL that defines poller_record_samples at `version`."""
+    if version == "worktree":
+        return (ROOT / FILE).read_text()
+    files = _git("ls-tree", "-r", "--name-only", version, "poller/sql").split()
+    if FILE in files:
+        return _git("show", f"{version}:{FILE}")
+    texts = [_git("show", f"{version}:{f}") for f in sorted(files) if f.endswith(".sql")]
+    return [t for t in texts if DEFINITION in t][-1]
+
 
 def body(version: str, name: str) -> str:
-    (path,) = (ROOT / "poller" / "sql").glob(f"{version}_*.sql")
-    text = path.read_text()
-    start = text.index("create or replace function poller_record_samples(")
+    text = source(version)
+    start = text.index(DEFINITION)
     end = text.index("$$;", start) + 3
     return text[start:end].replace("function poller_record_samples(", f"function {name}(")
 
@@ -68,8 +93,8 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", default="013")
-    parser.add_argument("--new", default="017")
+    parser.add_argument("--old", default="e8a885f")
+    parser.add_argument("--new", default="worktree")
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=60)
     asyncio.run(main(parser.parse_args()))

@@ -95,7 +95,8 @@ class Metrics:
         )
         self.late = Counter(
             "soundcheck_poller_samples_late",
-            "Samples refused because their job was already completed (migration 017)",
+            "Samples refused because their job was already completed "
+            "(docs/alerts-and-notices.md, \"Late samples\")",
             registry=r,
         )
         self.skipped = Counter(

@@ -1,10 +1,22 @@
-"""`python -m poller migrate`: apply the SQL files in poller/sql in order.
+"""`python -m poller migrate`: bring a database's schema to this release.
 
-Each file is idempotent and additive by itself (so it can also be pasted into the Supabase
-SQL editor); this runner adds order, the `soundcheck_migrations` ledger so a file already
-applied is skipped, and an advisory lock so two runners never interleave.
+Two kinds of files, as in Flyway (docs/sql-api.md, "Migrations" and "Repeatable files"):
 
-Most files run as one transaction. A file whose first line is
+- `poller/sql/NNN_*.sql`, versioned migrations: tables, columns, indexes. Each is applied
+  once, in order, and recorded in `soundcheck_migrations`; a released one never changes.
+- `poller/sql/repeatable/NN_*.sql`: every function and trigger, each defined in exactly one
+  file. Applied after the migrations, in name order, whenever the file differs from what
+  was applied: its checksum is recorded in `soundcheck_repeatables` with the revision the
+  file declares in its first statement. A changed file must raise that revision; the
+  database refuses a revision older than its own, so an old copy pasted into the SQL
+  editor cannot put an old function body back. A file marked
+  `-- soundcheck-migrate: after-any-change` (the lock-down) runs last, whenever any other
+  file was applied.
+
+Every file is idempotent by itself (it can also be pasted into the Supabase SQL editor);
+this runner adds order, the ledgers, and an advisory lock so two runners never interleave.
+
+Most files run as one transaction. A migration whose first line is
 `-- soundcheck-migrate: no-transaction` (index builds with CONCURRENTLY, which cannot run in
 a transaction) runs statement by statement. That and the session-level advisory lock need a
 session of our own: run migrations over a direct connection or a session-mode pooler, not
@@ -13,6 +25,7 @@ a transaction-mode one.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -20,8 +33,14 @@ from importlib import resources
 import asyncpg
 
 _LOCK_KEY = 0x50_6F_6C_6C  # "Poll": one advisory lock for all Sound Check migrations
-_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_VERSIONED = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_REPEATABLE = re.compile(r"^\d{2}_[a-z0-9_]+\.sql$")
 _NO_TRANSACTION = "-- soundcheck-migrate: no-transaction"
+_AFTER_ANY_CHANGE = "-- soundcheck-migrate: after-any-change"
+# The statement each repeatable file begins with: the only place its revision is written.
+_RECORD = re.compile(
+    r"^insert into soundcheck_repeatables \(name, revision\) values \('([a-z0-9_]+)', (\d+)\)$",
+    re.MULTILINE)
 _DOLLAR_TAG = re.compile(r"\$[A-Za-z_]*\$")
 
 
@@ -31,9 +50,20 @@ class Migration:
     name: str
     sql: str
 
+
+@dataclass(frozen=True)
+class Repeatable:
+    name: str
+    revision: int
+    sql: str
+
     @property
-    def transactional(self) -> bool:
-        return not self.sql.startswith(_NO_TRANSACTION)
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def after_any_change(self) -> bool:
+        return self.sql.startswith(_AFTER_ANY_CHANGE)
 
 
 class MigrationError(Exception):
@@ -43,10 +73,26 @@ class MigrationError(Exception):
 def migrations() -> list[Migration]:
     found = []
     for entry in resources.files("poller.sql").iterdir():
-        m = _NAME.match(entry.name)
+        m = _VERSIONED.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), entry.name[:-4], entry.read_text("utf-8")))
     return sorted(found, key=lambda m: m.version)
+
+
+def repeatables() -> list[Repeatable]:
+    found = []
+    for entry in resources.files("poller.sql").joinpath("repeatable").iterdir():
+        if not _REPEATABLE.match(entry.name):
+            continue
+        sql = entry.read_text("utf-8")
+        name = entry.name[:-4]
+        record = _RECORD.search(sql)
+        if record is None or record.group(1) != name:
+            raise ValueError(
+                f"repeatable/{entry.name}: its first statement must be "
+                f"\"insert into soundcheck_repeatables (name, revision) values ('{name}', N)\"")
+        found.append(Repeatable(name, int(record.group(2)), sql))
+    return sorted(found, key=lambda r: r.name)
 
 
 def statements(sql: str) -> list[str]:
@@ -73,33 +119,38 @@ def statements(sql: str) -> list[str]:
 
 
 async def migrate(dsn: str, timeout_s: float = 60.0) -> list[tuple[str, bool]]:
-    """Apply what is missing; returns (name, applied_now) for every migration."""
+    """Apply what is missing; returns (name, applied_now) for every file, migrations first
+    (repeatable files are named `repeatable/NN_name`)."""
     conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=timeout_s)
-    report = []
+    report: list[tuple[str, bool]] = []
     try:
         await conn.execute("select pg_advisory_lock($1)", _LOCK_KEY)
         for mig in migrations():
             if await _applied(conn, mig):
                 report.append((mig.name, False))
                 continue
-            try:
-                if mig.transactional:
-                    async with conn.transaction():
-                        await conn.execute(mig.sql)
-                else:
-                    for statement in statements(mig.sql):
-                        await conn.execute(statement)
-            except asyncpg.PostgresError as exc:
-                hint = f"\nhint: {exc.hint}" if getattr(exc, "hint", None) else ""
-                kept = ("nothing of it was kept" if mig.transactional else
-                        "the statements before the failing one were kept (each is safe to "
-                        "run again)")
-                if isinstance(exc, asyncpg.LockNotAvailableError):
-                    hint += ("\nhint: a long transaction holds a lock it needs; run the "
-                             "migration again when the database is quieter")
-                raise MigrationError(
-                    f"migration {mig.name} did not apply, {kept}: {exc}{hint}") from None
+            await _run(conn, mig.name, mig.sql)
             report.append((mig.name, True))
+        changed = any(applied for _, applied in report)
+        reps = repeatables()
+        for rep in [r for r in reps if not r.after_any_change] + \
+                   [r for r in reps if r.after_any_change]:
+            recorded = await conn.fetchrow(
+                "select revision, checksum from soundcheck_repeatables where name = $1",
+                rep.name)
+            due = recorded is None or recorded["checksum"] != rep.checksum
+            if not due and not (rep.after_any_change and changed):
+                report.append((f"repeatable/{rep.name}", False))
+                continue
+            if due and recorded is not None:
+                _check_revision(rep, recorded["revision"], recorded["checksum"])
+            async with conn.transaction():
+                await _run(conn, f"repeatable/{rep.name}", rep.sql)
+                await conn.execute(
+                    "update soundcheck_repeatables set checksum = $2 where name = $1",
+                    rep.name, rep.checksum)
+            report.append((f"repeatable/{rep.name}", True))
+            changed = True
     finally:
         if not conn.is_closed():
             try:
@@ -107,6 +158,39 @@ async def migrate(dsn: str, timeout_s: float = 60.0) -> list[tuple[str, bool]]:
             finally:
                 await conn.close(timeout=timeout_s)
     return report
+
+
+def _check_revision(rep: Repeatable, revision: int, checksum: str | None) -> None:
+    if rep.revision < revision:
+        raise MigrationError(
+            f"repeatable/{rep.name}.sql is revision {rep.revision}, older than revision "
+            f"{revision} in the database: this is an old release's file; run the current "
+            "release's migrate")
+    if rep.revision == revision and checksum is not None:
+        raise MigrationError(
+            f"repeatable/{rep.name}.sql differs from what was applied as revision "
+            f"{revision}: a changed file must raise the revision in its first statement")
+
+
+async def _run(conn: asyncpg.Connection, name: str, sql: str) -> None:
+    """Run one file in a transaction of its own (a savepoint inside the caller's), or, for a
+    no-transaction migration, statement by statement."""
+    statement_by_statement = sql.startswith(_NO_TRANSACTION)
+    try:
+        if statement_by_statement:
+            for statement in statements(sql):
+                await conn.execute(statement)
+        else:
+            async with conn.transaction():
+                await conn.execute(sql)
+    except asyncpg.PostgresError as exc:
+        hint = f"\nhint: {exc.hint}" if getattr(exc, "hint", None) else ""
+        kept = ("the statements before the failing one were kept (each is safe to run again)"
+                if statement_by_statement else "nothing of it was kept")
+        if isinstance(exc, asyncpg.LockNotAvailableError):
+            hint += ("\nhint: a long transaction holds a lock it needs; run the "
+                     "migration again when the database is quieter")
+        raise MigrationError(f"migration {name} did not apply, {kept}: {exc}{hint}") from None
 
 
 async def _applied(conn: asyncpg.Connection, mig: Migration) -> bool:

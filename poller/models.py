@@ -89,7 +89,7 @@ class RecordResult:
 
     @classmethod
     def from_json(cls, out: dict[str, Any]) -> RecordResult:
-        # `late` is absent before migration 017: none were refused then.
+        # `late` is absent from a database not yet migrated to 0.2.0: none were refused then.
         return cls(int(out["inserted"]), tuple(UUID(x) for x in out["completed"]),
                    int(out.get("offline") or 0), int(out.get("recovery") or 0),
                    int(out.get("late") or 0))

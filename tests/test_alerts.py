@@ -1,5 +1,5 @@
 """Offline/recovery alerts and the completion summary, decided in the database
-(poller/sql/009_notices.sql) and checked against plain reference models
+(poller/sql/repeatable/40_alerts.sql) and checked against plain reference models
 (tests/support/alert_model.py): over sequences with system errors and gaps, written in any
 batch order, replayed, and by two connections racing."""
 
@@ -171,8 +171,8 @@ async def test_a_hole_waits_for_its_sample_then_counts_as_a_gap(
 async def test_a_job_held_by_a_hole_costs_a_probe_not_a_read_of_its_samples(
         conn: asyncpg.Connection) -> None:
     # Slot 0 has no sample and is not settled: nothing past it can be evaluated, however
-    # many samples wait there (migration 015). The general evaluation read them all again
-    # for each batch; the job is now passed over after one probe for slot 0.
+    # many samples wait there. The general evaluation read them all again for each batch;
+    # soundcheck_evaluate_alerts passes the job over after one probe for slot 0.
     started = datetime.now(UTC) - timedelta(seconds=2)
     job = await _job(conn, started)
     statuses: list[str | None] = [None, *["success"] * 3000]

@@ -12,7 +12,7 @@ from poller.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CODE = [*ROOT.glob("poller/**/*.py"), *ROOT.glob("operator/**/*.py"),
-        *ROOT.glob("poller/sql/*.sql"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]
+        *ROOT.glob("poller/sql/**/*.sql"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]
 
 
 def docs_text() -> str:
@@ -41,11 +41,12 @@ def test_every_exported_metric_is_documented() -> None:
     assert not missing, missing
 
 
-def test_every_migration_is_in_the_sql_reference() -> None:
+def test_every_migration_and_function_file_is_in_the_sql_reference() -> None:
     reference = (DOCS / "sql-api.md").read_text()
     files = sorted(p.name for p in (ROOT / "poller" / "sql").glob("*.sql"))
-    assert files
-    assert [f for f in files if f"`{f}`" not in reference] == []
+    repeatable = sorted(p.name for p in (ROOT / "poller" / "sql" / "repeatable").glob("*.sql"))
+    assert files and repeatable
+    assert [f for f in files + repeatable if f"`{f}`" not in reference] == []
 
 
 def test_citations_of_docs_sections_name_real_headings() -> None:

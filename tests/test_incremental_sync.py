@@ -1,4 +1,4 @@
-"""Syncs that read only what changed (poller/sql/010_incremental_sync.sql): every change
+"""Syncs that read only what changed (poller/sql/repeatable/20_sync.sql): every change
 that matters reaches the pollers (insert, cancel, complete, edit of cadence or target,
 delete, mode switch, a change committed late), nothing else does, and a full read happens
 only when it must (start, topology or live-set change, a cursor it cannot honour)."""

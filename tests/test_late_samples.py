@@ -1,6 +1,6 @@
-"""A completed job stays consistent (migration 017, docs/alerts-and-notices.md, "Late samples"):
-its samples are the ones its rollups and completion notice were made from, whatever arrives
-after.
+"""A completed job stays consistent (poller_record_samples; docs/alerts-and-notices.md,
+"Late samples"): its samples are the ones its rollups and completion notice were made
+from, whatever arrives after.
 
 Late samples (a frozen pod writing its buffer when it thaws) and replayed ones (a batch
 written twice) are sent after the completion, and a batch is raced against the completing

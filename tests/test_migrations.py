@@ -1,21 +1,29 @@
-"""`python -m poller migrate`: fresh, on the app's existing schema, twice, and when blocked."""
+"""`python -m poller migrate`: fresh, on the app's existing schema, twice, when blocked, from
+an earlier release's layout, and the guard of the repeatable files."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 
 from poller.localpg import LocalPostgres
-from poller.migrate import MigrationError, migrate, migrations
+from poller.migrate import MigrationError, migrate, migrations, repeatables
 from poller.store import API_VERSION
 from tests.support.db import RECORD_SAMPLES, add_jobs
+from tests.support.postgrest_standin import prepare_database
+from tests.support.releases import ROOT, checkout, previous_release, run_migrate
 
 APP_SCHEMA = (Path(__file__).parent / "sql" / "app_schema.sql").read_text()
 
@@ -30,7 +38,8 @@ def schema_dump(pg: LocalPostgres, dsn: str) -> str:
 
 async def test_fresh_database_gets_the_sound_check_shape(fresh_db: str) -> None:
     report = await migrate(fresh_db)
-    assert report == [(m.name, True) for m in migrations()]
+    assert report == [(m.name, True) for m in migrations()] + [
+        (f"repeatable/{r.name}", True) for r in repeatables()]
     conn = await asyncpg.connect(fresh_db)
     try:
         enums = {r["typname"] for r in await conn.fetch(
@@ -118,10 +127,12 @@ async def test_duplicate_samples_stop_with_instructions(fresh_db: str) -> None:
         assert "1 duplicated (job_id, sequence_number) pairs" in text
         assert "DELETE FROM samples" in text  # says what to do
         # The migrations before it were kept; the unique key was not built, and nothing
-        # after it ran; no row was touched.
+        # after it ran (no function file either); no row was touched.
         assert not await conn.fetchval(
             "select to_regclass('samples_job_id_sequence_number_key') is not null")
-        assert await conn.fetchval("select poller_api_version()") == 3
+        assert [r["version"] for r in await conn.fetch(
+            "select version from soundcheck_migrations order by version")] == [1, 4]
+        assert await conn.fetchval("select to_regprocedure('poller_api_version()')") is None
         assert await conn.fetchval("select count(*) from samples") == 3
         # Following the hint unblocks it.
         hint = text.split("hint: ", 1)[1]
@@ -142,10 +153,12 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 async def test_cli_applies_then_reports_already_applied(fresh_db: str) -> None:
     first = _cli(env={"DATABASE_URL": fresh_db})
     assert first.returncode == 0, first.stderr
-    assert "002_poller_api: applied" in first.stderr
+    assert "004_topology: applied" in first.stderr
+    assert "repeatable/50_samples: applied" in first.stderr
     second = _cli("--database-url", fresh_db)
     assert second.returncode == 0
-    assert "002_poller_api: already applied" in second.stderr
+    assert "004_topology: already applied" in second.stderr
+    assert "repeatable/50_samples: already applied" in second.stderr
 
 
 def test_cli_without_a_database_url_exits_2() -> None:
@@ -162,7 +175,7 @@ def test_cli_unreachable_database_hides_the_password() -> None:
 
 
 async def test_the_poller_writes_sample_ids_in_time_order(conn: asyncpg.Connection) -> None:
-    """Migration 013: version 7 UUIDs whose first 48 bits are the ping's time in ms, so the
+    """poller_record_samples: version 7 UUIDs whose first 48 bits are the ping's time in ms, so the
     primary key's index grows at its right edge (random ids touch a random page each)."""
     [job] = await add_jobs(conn, ["127.0.0.1"])
     start = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -215,3 +228,122 @@ async def test_a_fill_factor_already_chosen_for_jobs_is_kept(fresh_db: str) -> N
                 "fillfactor=70"]
     finally:
         await conn.close()
+
+
+# Where an upgrade starts from, one state per layout the SQL has had: the previous release
+# (its migrations 002-016 redefined functions in place) and the last commit before the
+# repeatable files (migration 017 on top of that).
+EARLIER = {"previous release": previous_release()[1], "migration 017": "25a400c"}
+
+
+@asynccontextmanager
+async def _database(pg: LocalPostgres) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """An empty database with Supabase's roles and default privileges, as the app's has."""
+    name = f"layout_{uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg.dsn)
+    await admin.execute(f"create database {name}")
+    dsn = pg.dsn.rsplit("/", 1)[0] + f"/{name}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await prepare_database(conn)
+        yield dsn, conn
+    finally:
+        await conn.close()
+        await admin.execute(f"drop database {name} with (force)")
+        await admin.close()
+
+
+@pytest.mark.slow  # an earlier release's migrate in a process of its own
+@pytest.mark.parametrize("start", sorted(EARLIER))
+async def test_an_upgraded_database_has_the_schema_of_a_fresh_one(
+        pg_server: LocalPostgres, tmp_path: Path, start: str) -> None:
+    tree = checkout(EARLIER[start], tmp_path)
+    async with _database(pg_server) as (old_dsn, old), _database(pg_server) as (new_dsn, _):
+        await run_migrate(old_dsn, tree)
+        before = schema_dump(pg_server, old_dsn)
+        await migrate(old_dsn)
+        upgraded = schema_dump(pg_server, old_dsn)
+        await migrate(new_dsn)
+        fresh = schema_dump(pg_server, new_dsn)
+        assert before != fresh  # the upgrade had something to do
+        assert upgraded.splitlines() == fresh.splitlines()
+        # The functions the earlier release renamed rather than replaced are there once.
+        assert await old.fetchval(
+            "select count(*) from pg_proc where proname like 'soundcheck_evaluate_alerts%'"
+        ) == 2
+
+
+async def test_an_old_copy_of_a_function_file_is_refused(conn: asyncpg.Connection) -> None:
+    """The guard covers bodies: a file pasted from an older release cannot put back the
+    function bodies a newer one installed."""
+    [samples] = [r for r in repeatables() if r.name == "50_samples"]
+    newer = samples.sql.replace(f"('50_samples', {samples.revision})",
+                                f"('50_samples', {samples.revision + 1})").replace(
+        "as $$\ndeclare\n    v_n int", "as $$\n-- newer\ndeclare\n    v_n int", 1)
+    await conn.execute(newer)  # a later release's file, pasted
+    with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError) as err:
+        await conn.execute(samples.sql)  # this release's, now an old copy
+    assert f"revision {samples.revision}, older than revision {samples.revision + 1}" in str(
+        err.value)
+    assert "-- newer" in await conn.fetchval(
+        "select pg_get_functiondef('poller_record_samples'::regproc)")
+
+
+async def test_migrate_refuses_a_file_that_changed_but_kept_its_revision(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("update soundcheck_repeatables set checksum = 'edited' "
+                           "where name = '60_notices'")
+        with pytest.raises(MigrationError, match="must raise the revision"):
+            await migrate(dsn)
+        await conn.execute("update soundcheck_repeatables set revision = revision + 1 "
+                           "where name = '60_notices'")
+        with pytest.raises(MigrationError, match="an old release's file"):
+            await migrate(dsn)
+    finally:
+        await conn.close()
+
+
+async def test_a_pasted_file_is_applied_again_by_migrate(dsn: str) -> None:
+    """A file pasted into the SQL editor records no checksum: migrate applies it again, so
+    what the database runs is this release's file, whatever was pasted."""
+    [notices] = [r for r in repeatables() if r.name == "60_notices"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(notices.sql)
+        assert await conn.fetchval("select checksum from soundcheck_repeatables "
+                                   "where name = '60_notices'") is None
+        report = dict(await migrate(dsn))
+        assert report["repeatable/60_notices"] and report["repeatable/90_lock_down"]
+        assert not report["repeatable/50_samples"]
+        assert await conn.fetchval("select checksum from soundcheck_repeatables "
+                                   "where name = '60_notices'") == notices.checksum
+    finally:
+        await conn.close()
+
+
+def _revision(text: str) -> int:
+    found = re.search(r"^insert into soundcheck_repeatables \(name, revision\) values "
+                      r"\('[a-z0-9_]+', (\d+)\)$", text, re.M)
+    assert found, "no revision statement"
+    return int(found.group(1))
+
+
+def test_a_changed_function_file_raised_its_revision() -> None:
+    """Every version of each repeatable file in git history, and the working tree's, has a
+    higher revision than the version before it (migrate refuses the same revision with
+    other content, so a database migrated at any commit can be migrated again)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("no git history here")
+    for rep in repeatables():
+        path = f"poller/sql/repeatable/{rep.name}.sql"
+        commits = subprocess.run(["git", "-C", str(ROOT), "log", "--format=%H", "--", path],
+                                 capture_output=True, text=True, timeout=60,
+                                 check=True).stdout.split()
+        texts = [subprocess.run(["git", "-C", str(ROOT), "show", f"{c}:{path}"],
+                                capture_output=True, text=True, timeout=60).stdout
+                 for c in reversed(commits)] + [rep.sql]
+        texts = [t for t in texts if t]  # a commit that deleted it
+        for older, newer in itertools.pairwise(texts):
+            if older != newer:
+                assert _revision(newer) > _revision(older), path

@@ -166,7 +166,7 @@ def test_a_replica_keeps_its_own_primaries_even_when_not_live() -> None:
 async def test_sql_live_ownership_matches_python(conn: asyncpg.Connection) -> None:
     for replica, counts, live in ((0, [3], [1, 2]), (1, [3], [1, 2]), (2, [4, 5], [0, 4]),
                                   (3, [5], [0, 1, 2, 3, 4]), (0, [1], []), (4, [3], [0])):
-        for _ in range(2):  # computed, then kept (migration 014): the same answer
+        for _ in range(2):  # computed, then kept (poller_owned_buckets): the same answer
             got = await conn.fetchval("select soundcheck_owned_buckets_live($1, $2, $3)",
                                       replica, counts, live)
             assert frozenset(got) == owned_buckets_live(replica, counts, live), (replica, live)

@@ -7,14 +7,13 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from importlib import resources
 
 import aiohttp
 import asyncpg
 import pytest
 
 from poller.localpg import free_port
-from poller.migrate import migrate
+from poller.migrate import migrate, migrations, repeatables
 from poller.models import Sample, SampleStatus
 from poller.service import Service
 from poller.settings import Settings
@@ -63,8 +62,13 @@ async def test_browser_roles_can_call_and_write_nothing_of_ours(
             assert not await conn.fetchval(
                 "select has_function_privilege($1, $2, 'execute')", role, row["fn"]), \
                 (role, row["fn"])
-    for table in ("soundcheck_migrations", "poller_topology", "poller_heartbeats",
-                  "poller_outbox"):
+    tables = {r["relname"] for r in await conn.fetch(
+        "select relname from pg_class where relnamespace = 'public'::regnamespace "
+        "and relkind = 'r' and (relname like 'poller\\_%' or relname like 'soundcheck\\_%')")}
+    assert {"soundcheck_migrations", "soundcheck_repeatables", "poller_topology",
+            "poller_heartbeats", "poller_outbox", "poller_job_changes",
+            "poller_owned_buckets"} <= tables
+    for table in sorted(tables):
         assert await conn.fetchval(
             "select relrowsecurity from pg_class where oid = $1::regclass", table)
         for role in ("anon", "authenticated"):
@@ -115,12 +119,19 @@ async def test_every_owned_job_is_pinged_past_db_max_rows(
     assert set(rest.roles) == {"service_role"}
 
 
-async def test_pasting_an_older_migration_again_keeps_the_newer_api(
-        conn: asyncpg.Connection) -> None:
-    sql = resources.files("poller.sql").joinpath("002_poller_api.sql").read_text()
-    async with conn.transaction():
-        await conn.execute(sql)
+async def test_pasting_every_file_again_changes_nothing(conn: asyncpg.Connection) -> None:
+    """As in the Supabase SQL editor: each file in one transaction, in order."""
+    before = await conn.fetch(_FUNCTIONS)
+    for text in [m.sql for m in migrations() if not m.sql.startswith("-- soundcheck-migrate: no-")
+                 ] + [r.sql for r in repeatables()]:
+        async with conn.transaction():
+            await conn.execute(text)
+    assert await conn.fetch(_FUNCTIONS) == before
     assert await conn.fetchval("select poller_api_version()") == API_VERSION
+
+
+_FUNCTIONS = ("select p.oid::regprocedure::text, pg_get_functiondef(p.oid), p.proacl::text "
+              "from pg_proc p where p.pronamespace = 'public'::regnamespace order by 1")
 
 
 async def test_an_invalid_unique_index_is_refused_then_rebuilt(

@@ -16,15 +16,11 @@ defect 0.2.0 fixed.
 from __future__ import annotations
 
 import asyncio
-import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from io import BytesIO
 from pathlib import Path
 
 import asyncpg
@@ -38,6 +34,7 @@ from tests.support.db import add_jobs
 from tests.support.k8s_deploy import apply_manifests, get, kubectl, operator_kubeconfig
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.processes import PollerProcess
+from tests.support.releases import checkout, env_for, previous_release, run_migrate
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -50,50 +47,14 @@ ENV = {"POLL_INTERVAL_MS": "500", "BATCH_FLUSH_INTERVAL_MS": "200",
        "LOG_LEVEL": "INFO"}
 
 
-def previous_release() -> tuple[str, str]:
-    """(version, commit) of the newest CHANGELOG entry before this release."""
-    entries = re.findall(r"^## (\S+) — \S+ \(commit ([0-9a-f]{7,40})\)",
-                         (ROOT / "CHANGELOG.md").read_text(), re.M)
-    older = [(v, c) for v, c in entries if v != poller.__version__]
-    assert older, "CHANGELOG.md names no earlier release's commit"
-    return older[0]
-
-
 @pytest.fixture(scope="module")
 def previous(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     version, commit = previous_release()
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("no git history here to take the previous release from")
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
-                             capture_output=True, timeout=60)
-    if archive.returncode != 0:
-        pytest.skip(f"commit {commit} of release {version} is not in this clone's history: "
-                    f"{archive.stderr.decode().strip()}")
-    tree = tmp_path_factory.mktemp(f"release-{version}")
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(tree, filter="data")
-    return version, tree
-
-
-def _env_for(tree: Path | None) -> dict[str, str]:
-    """PYTHONPATH for a release's tree (None: this release, as installed here)."""
-    if tree is None:
-        return {}
-    return {"PYTHONPATH": f"{tree}:{tree / 'operator'}"}
-
-
-async def _migrate(dsn: str, tree: Path | None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "poller", "migrate", cwd=tree or ROOT,
-        env={"DATABASE_URL": dsn, "PATH": "/usr/bin:/bin", **_env_for(tree)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
+    return version, checkout(commit, tmp_path_factory.mktemp(f"release-{version}"))
 
 
 def _pod(env: dict[str, str], ordinal: int, tree: Path | None) -> PollerProcess:
-    return PollerProcess({**env, "HOSTNAME": f"up-{ordinal}", **_env_for(tree)},
+    return PollerProcess({**env, "HOSTNAME": f"up-{ordinal}", **env_for(tree)},
                          cwd=str(tree or ROOT))
 
 
@@ -105,7 +66,7 @@ async def _versions(conn: asyncpg.Connection) -> set[str]:
 async def test_fleet_upgrades_under_new_migrations_and_rolls_back_without_a_gap(
         fresh_db: str, standin: LatencyStandIn, previous: tuple[str, Path]) -> None:
     version, tree = previous
-    await _migrate(fresh_db, tree)
+    await run_migrate(fresh_db, tree)
     conn = await asyncpg.connect(fresh_db)
     pods: dict[int, PollerProcess] = {}
     everyone: list[PollerProcess] = []
@@ -135,8 +96,8 @@ async def test_fleet_upgrades_under_new_migrations_and_rolls_back_without_a_gap(
         begin = time.time()
         assert await _versions(conn) == {version}  # the previous release's code runs
         await asyncio.sleep(HOLD_S)
-        applied = await _migrate(fresh_db, None)  # this release's migrations, under it
-        assert "017_late_samples" in applied, applied
+        applied = await run_migrate(fresh_db, None)  # this release's migrations, under it
+        assert "repeatable/50_samples: applied" in applied, applied
         await asyncio.sleep(HOLD_S)
         await roll(None)
         await eventually(lambda: _is(conn, {poller.__version__}), timeout=10,
@@ -195,7 +156,7 @@ def _operator(ns: str, config: Path, dsn: str, tree: Path | None,
             cwd=tree or ROOT, stdout=out, stderr=subprocess.STDOUT,
             env={"KUBECONFIG": str(config), "DATABASE_URL": dsn, "PATH": "/usr/bin:/bin",
                  "POLLERFLEET_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1",
-                 **_env_for(tree)})
+                 **env_for(tree)})
 
 
 async def test_new_operator_adopts_the_previous_operators_fleet(

@@ -96,8 +96,10 @@ def test_wheel_and_sdist_carry_every_module_and_sql_file(dists: dict[str, Path])
     in_wheel = {n.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
                 for n in names if n.endswith(".py")}
     assert source_modules() <= in_wheel, source_modules() - in_wheel
-    sql = {p.name for p in (ROOT / "poller" / "sql").glob("*.sql")}
-    assert sql and {f"poller/sql/{n}" for n in sql} <= names
+    sql = {p.relative_to(ROOT / "poller" / "sql").as_posix()
+           for p in (ROOT / "poller" / "sql").rglob("*.sql")}
+    assert any(n.startswith("repeatable/") for n in sql)
+    assert {f"poller/sql/{n}" for n in sql} <= names
     with tarfile.open(dists["sdist"]) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
     for needed in ("pyproject.toml", "README.md", "operator/pollerfleet/handlers.py",

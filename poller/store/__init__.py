@@ -275,7 +275,8 @@ def check_api_version(found: int, needed: int = API_VERSION) -> None:
 
 MIGRATE_HINT = (
     "the poller's SQL API is missing from the database: run `python -m poller migrate` "
-    "(or paste poller/sql/*.sql into the Supabase SQL editor)"
+    "(or paste poller/sql/*.sql, then poller/sql/repeatable/*.sql, into the Supabase SQL "
+    "editor)"
 )
 
 

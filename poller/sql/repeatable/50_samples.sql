@@ -1,17 +1,31 @@
--- Late samples: a completed job keeps the samples its rollups and completion notice were
--- made from. A sample can reach the database after its job was completed: a frozen pod
--- that writes its buffer when it thaws, a replica whose batch raced the completing one.
--- Measured before this migration: a job completed with rollups over 25 samples while 26
--- sample rows existed. poller_record_samples now refuses samples of a job that an earlier
--- batch completed, takes out again what it inserted for a job completed while it ran, and
--- returns how many it refused as `late` (the poller counts them in
--- soundcheck_poller_samples_late_total). Samples of the batch that completes a job are
--- written before the completion, as before. Pollers of the previous release keep working:
--- the result only gained a key.
+-- Writing samples: one round trip records a whole batch.
+insert into soundcheck_repeatables (name, revision) values ('50_samples', 1)
+on conflict (name) do update set revision = excluded.revision, checksum = null;
 set local lock_timeout = '5s';
 
--- As in 013, with the refusal: the insert's job check, `status` from the UPDATE, the block
--- after the main statement and `late` in the result.
+-- A batch of samples (the arrays are its columns): inserted (a duplicate absorbed), each
+-- job's last_ping_at moved, its alerts evaluated (40_alerts.sql), the expired jobs asked
+-- for completed with their rollups and completion notice. Returns {inserted, completed,
+-- offline, recovery, late}.
+--
+-- Sample ids in time order: the app's default for samples.id is a random UUID, so each
+-- sample would land on a random page of the primary key's index, which soon outgrows the
+-- cache of hot pages; with full-page writes on (every production server) each first
+-- write to a page after a checkpoint logs the whole page. A UUID whose first 48 bits are
+-- the ping's time in milliseconds (the layout of UUID version 7, RFC 9562) appends at the
+-- index's right edge instead: made from a random version 4 UUID, its first six bytes
+-- replaced and two version bits set. Written out, not a helper function: a function with
+-- its own search_path is not inlined, and a call per row costs what this saves. Measured
+-- with 1,000,000 running jobs and 2 writers on a server without full-page writes, so
+-- locality alone: Postgres CPU per sample 37-43 us against 40-46 us.
+--
+-- Late samples: a completed job keeps the samples its rollups and completion notice were
+-- made from. A sample can reach the database after its job was completed (a frozen pod
+-- that writes its buffer when it thaws, a replica whose batch raced the completing one):
+-- it is refused, what this batch inserted for a job completed while it ran is taken out
+-- again, and both are counted as `late` (soundcheck_poller_samples_late_total). Samples
+-- of the batch that completes a job are written before the completion. Cost on a batch
+-- of new samples: within 2 % (bench/bench_record_versions.py).
 create or replace function poller_record_samples(
     p_job_ids uuid[],
     p_sequence_numbers int[],
@@ -223,5 +237,68 @@ begin
 end
 $$;
 
-insert into soundcheck_migrations (version, name)
-values (17, '017_late_samples') on conflict (version) do nothing;
+-- API version 1's batch, for pollers of earlier releases (they raise no alerts): insert
+-- the samples (duplicates absorbed), move last_ping_at, complete the expired jobs asked
+-- for and build their rollups. The completing UPDATE takes
+-- the row lock and re-checks status = 'running', so of two replicas racing exactly one
+-- completes a job and builds its rollups.
+create or replace function poller_record_batch(
+    p_job_ids uuid[],
+    p_sequence_numbers int[],
+    p_statuses text[],
+    p_rtt_ms float8[],
+    p_jitter_ms float8[],
+    p_recorded_at timestamptz[],
+    p_complete_job_ids uuid[] default '{}')
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+    v_n int := coalesce(cardinality(p_job_ids), 0);
+    v_inserted int;
+    v_completed uuid[] := '{}';
+    v_id uuid;
+begin
+    if coalesce(cardinality(p_sequence_numbers), 0) <> v_n
+       or coalesce(cardinality(p_statuses), 0) <> v_n
+       or coalesce(cardinality(p_rtt_ms), 0) <> v_n
+       or coalesce(cardinality(p_jitter_ms), 0) <> v_n
+       or coalesce(cardinality(p_recorded_at), 0) <> v_n then
+        raise exception 'p_sequence_numbers, p_statuses, p_rtt_ms, p_jitter_ms and p_recorded_at must each have as many elements as p_job_ids (%)', v_n
+            using errcode = '22023';
+    end if;
+
+    insert into samples (job_id, sequence_number, status, rtt_ms, jitter_ms, recorded_at)
+    select u.job_id, u.seq, u.status::sample_status, round(u.rtt::numeric, 2),
+           round(u.jitter::numeric, 2), u.ts
+    from unnest(p_job_ids, p_sequence_numbers, p_statuses, p_rtt_ms, p_jitter_ms, p_recorded_at)
+         as u(job_id, seq, status, rtt, jitter, ts)
+    -- A job deleted while its samples were buffered: drop them rather than fail the batch.
+    where exists (select 1 from jobs j where j.id = u.job_id)
+    on conflict (job_id, sequence_number) do nothing;
+    get diagnostics v_inserted = row_count;
+
+    update jobs j
+    set last_ping_at = m.ts
+    from (select u.job_id, max(u.ts) as ts
+          from unnest(p_job_ids, p_recorded_at) as u(job_id, ts)
+          group by u.job_id
+          order by u.job_id) as m
+    where j.id = m.job_id and (j.last_ping_at is null or j.last_ping_at < m.ts);
+
+    for v_id in
+        update jobs
+        set status = 'completed', completed_at = now()
+        where id = any (coalesce(p_complete_job_ids, '{}'))
+          and status = 'running'
+          and started_at + make_interval(mins => duration_minutes) <= now()
+        returning id
+    loop
+        perform create_job_rollups(v_id);
+        v_completed := v_completed || v_id;
+    end loop;
+
+    return jsonb_build_object('inserted', v_inserted, 'completed', to_jsonb(v_completed));
+end
+$$;
