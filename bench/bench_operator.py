@@ -55,7 +55,11 @@ async def main(args: argparse.Namespace) -> None:
                 ids = await add_jobs(conn, [f"127.0.0.{i % 250 + 1}" for i in range(10)],
                                      cadence_seconds=3600)
                 changed = time.monotonic()
-                await cluster.until(lambda s=step: cluster.replicas("bench") == s, timeout=60)
+
+                def reached(want: int = step) -> bool:
+                    return cluster.replicas("bench") == want
+
+                await cluster.until(reached, timeout=60)
                 lags.append(time.monotonic() - changed)
                 print(f"step {step}: {10 * step} running jobs → {step} replicas in "
                       f"{lags[-1]:.2f} s", flush=True)
@@ -74,7 +78,7 @@ async def main(args: argparse.Namespace) -> None:
             start = time.monotonic()
             await asyncio.sleep(args.quiet)
             status_after = cluster.fleet_status("bench")
-            changed = {k: (status_before.get(k), v) for k, v in status_after.items()
+            fields = {k: (status_before.get(k), v) for k, v in status_after.items()
                        if status_before.get(k) != v}
             quiet = cluster.requests[before:]
             syncs = (time.monotonic() - start) / args.sync
@@ -83,7 +87,7 @@ async def main(args: argparse.Namespace) -> None:
                   f"max {max(lags):.2f} s (sync interval {args.sync} s)")
             print(f"quiet fleet: {len(quiet)} API requests in {args.quiet:.0f} s "
                   f"≈ {len(quiet) / syncs:.2f} per sync, writes: {len(writes)}, "
-                  f"status fields changed: {changed or 'none'}")
+                  f"status fields changed: {fields or 'none'}")
             for method, path in sorted(set(quiet)):
                 print(f"  {method} {path}")
             pods.cancel()

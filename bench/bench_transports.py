@@ -15,6 +15,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 
@@ -34,7 +35,7 @@ KEY = "bench-jwt-secret-0123456789abcdef0123"  # the stand-in signs keys with it
 JOBS = 1000
 
 
-async def record(store: Store, jobs: list, total: int, batch: int, seq0: int) -> float:
+async def record(store: Store, jobs: list[UUID], total: int, batch: int, seq0: int) -> float:
     """Write `total` samples in batches; returns samples per second."""
     now = time.time()
     samples = [Sample(jobs[i % JOBS], seq0 + i // JOBS, SampleStatus.SUCCESS, 1.25, 0.5, now)

@@ -90,9 +90,9 @@ group by j.id order by j.account_number
 
 
 def demo_targets(unreachable: str) -> tuple[list[str | None], list[int]]:
-    targets = ["127.0.0.1", "127.0.0.2", "::1", unreachable, "not-an-ip"]
+    targets: list[str | None] = ["127.0.0.1", "127.0.0.2", "::1", unreachable, "not-an-ip"]
     cadences = [1, 2, 1, 1, 2]  # the unreachable one every second: offline after 5 s
-    return targets, cadences  # type: ignore[return-value]
+    return targets, cadences
 
 
 _RULES = Path(__file__).resolve().parent.parent / "monitoring" / "rules.yml"

@@ -12,6 +12,8 @@ from uuid import UUID
 # The largest value samples.rtt_ms and jitter_ms (numeric(10,2)) hold. An "RTT" beyond it is
 # not a measurement; storing it would make the database reject the whole batch.
 MAX_RTT_MS = 99_999_999.99
+# The SpreeDB Latency API's two routes (docs/icmp-and-sidecar.md): GET /latency, POST /ping.
+LatencyRoute = Literal["latency", "ping"]
 
 
 class SampleStatus(StrEnum):

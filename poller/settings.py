@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from .models import LatencyRoute
 from .partition import ordinal_from_hostname
 from .targets import DEFAULT_DENY, parse_networks
 
@@ -48,7 +49,7 @@ class Settings(BaseModel):
     ping_backend: Literal["latency_api", "icmp"] = Field("latency_api", alias="PING_BACKEND")
     icmp_socket: Literal["auto", "dgram", "raw"] = Field("auto", alias="ICMP_SOCKET")
     latency_api_url: str = Field("http://localhost:4402", alias="LATENCY_API_URL")
-    latency_api_route: Literal["latency", "ping"] = Field("latency", alias="LATENCY_API_ROUTE")
+    latency_api_route: LatencyRoute = Field("latency", alias="LATENCY_API_ROUTE")
     latency_api_group: str = Field("Sound Check", min_length=1, alias="LATENCY_API_GROUP")
     ping_timeout_ms: int = Field(10_000, ge=100, alias="PING_TIMEOUT_MS")
     concurrency: int = Field(50, ge=1, le=100_000, alias="CONCURRENCY")
@@ -121,8 +122,8 @@ class Settings(BaseModel):
                 "DATABASE_URL: no database target; set DATABASE_URL, or SUPABASE_URL with "
                 "SUPABASE_SERVICE_ROLE_KEY"
             )
-        if has_pg:
-            _check_database_url(self.database_url.get_secret_value())  # type: ignore[union-attr]
+        if self.database_url is not None and has_pg:
+            _check_database_url(self.database_url.get_secret_value())
         if has_sb:
             if not self.supabase_url:
                 raise ValueError("SUPABASE_URL: required with SUPABASE_SERVICE_ROLE_KEY")

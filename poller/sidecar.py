@@ -33,7 +33,7 @@ from aiohttp import web
 from . import logs
 from .models import SampleStatus
 from .pingers import PingResult, ping
-from .pingers.icmp import IcmpPinger, IcmpUnavailable
+from .pingers.icmp import IcmpPinger, IcmpUnavailable, SocketKind
 from .targets import DEFAULT_DENY, TargetPolicy, parse_networks
 
 log = logging.getLogger("poller.sidecar")
@@ -95,10 +95,10 @@ def _health(pinger: IcmpPinger) -> Any:
     return health
 
 
-async def serve(host: str, port: int, timeout_s: float, socket_kind: str,
+async def serve(host: str, port: int, timeout_s: float, socket_kind: SocketKind,
                 max_in_flight: int, stop: asyncio.Event, *, health_port: int | None = None,
                 policy: TargetPolicy | None = None) -> None:
-    pinger = IcmpPinger(timeout_s, socket_kind)  # type: ignore[arg-type]
+    pinger = IcmpPinger(timeout_s, socket_kind)
     await pinger.start()
     runners = [web.AppRunner(make_app(pinger, max_in_flight, policy), access_log=None,
                              shutdown_timeout=timeout_s)]

@@ -11,6 +11,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -65,7 +66,8 @@ async def _write(conn: asyncpg.Connection, job: UUID, started: datetime, statuse
                 [1.0 if statuses[k] == "success" else None for k in seqs], [None] * len(seqs),
                 [started + timedelta(seconds=k) for k in seqs], [job] if complete else [],
                 settle_s)
-            return json.loads(raw)  # type: ignore[no-any-return]
+            result: dict[str, Any] = json.loads(raw)
+            return result
         except asyncpg.DeadlockDetectedError:
             await asyncio.sleep(0.01 * attempt)
     raise AssertionError("deadlocked 20 times")

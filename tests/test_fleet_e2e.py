@@ -117,8 +117,8 @@ async def test_fleet_resizes_without_gaps(dsn: str, sidecar: str,
     baseline = await _rolling_baseline(dsn, sidecar)
     print("\nwhole fleet, handover on:")
     for t in transitions:
-        moved = "—" if t.moved is None else f"{t.moved:.3f} (expected {t.expected:.3f})"
-        print(f"  {t.before} → {t.after} replicas: buckets moved {moved}, slots missed "
+        shown = "—" if t.moved is None else f"{t.moved:.3f} (expected {t.expected:.3f})"
+        print(f"  {t.before} → {t.after} replicas: buckets moved {shown}, slots missed "
               f"until the next change: {missed.missed_between(t.start, t.end)}")
     print(f"  rolling update of the template ({runner.replaced} pods replaced): slots missed "
           f"{missed.missed_between(rolled, rolled_end)}")

@@ -164,8 +164,8 @@ async def test_fleet_serves_resizes_and_rolls_on_the_real_controllers(env: Env) 
                           '{"spec": {"pollerEnv": {"LOG_LEVEL": "DEBUG"}}}')
 
         async def rolled() -> bool:
-            return (await env.get("statefulset", FLEET))["status"].get(
-                "updateRevision") != before
+            revision = (await env.get("statefulset", FLEET))["status"].get("updateRevision")
+            return bool(revision != before)
         await eventually(rolled, timeout=30, what="a new template revision")
         await _settled(env, 2)
         await asyncio.sleep(HOLD_S)

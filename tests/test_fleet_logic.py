@@ -87,7 +87,7 @@ def test_up_at_once() -> None:
 def test_down_only_after_the_window() -> None:
     s = spec(scaleDownStabilizationSeconds=60)
     history: tuple[tuple[float, int], ...] = ()
-    sizes = []
+    sizes: list[int] = []
     for t in range(0, 130, 10):  # load drops from 6 replicas' worth to 2 at t=0
         d = decide(900, current=6 if not sizes else sizes[-1], spec=s, history=history,
                    now=float(t))

@@ -134,9 +134,9 @@ async def test_poller_image_migrates_and_writes_samples_as_an_arbitrary_uid(
                 return False
 
         async def every_job_has_samples() -> bool:
-            return await conn.fetchval(
+            return bool(await conn.fetchval(
                 "select count(distinct job_id) from samples where job_id = any($1)",
-                ids) == len(ids)
+                ids) == len(ids))
 
         await eventually(ready, timeout=60, what="the container's /ready")
         await eventually(every_job_has_samples, timeout=30, what="samples of every job")

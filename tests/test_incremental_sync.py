@@ -30,10 +30,10 @@ ALL = list(range(BUCKETS))
 
 async def changes(conn: asyncpg.Connection, cursor: int | None, buckets: list[int] = ALL,
                   limit: int = 1000) -> dict[str, Any]:
-    out = json.loads(await conn.fetchval("select poller_job_changes($1, $2::xid8, $3)",
-                                         buckets, cursor, limit))
+    out: dict[str, Any] = json.loads(await conn.fetchval(
+        "select poller_job_changes($1, $2::xid8, $3)", buckets, cursor, limit))
     out["cursor"] = int(out["cursor"])
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def ids(out: dict[str, Any]) -> set[UUID]:

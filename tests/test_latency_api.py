@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import get_args
 from uuid import uuid4
 
 import pytest
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from poller.localpg import free_port
 from poller.metrics import Metrics
-from poller.models import Job, SampleStatus
+from poller.models import Job, LatencyRoute, SampleStatus
 from poller.pingers import ping, valid_ip
 from poller.pingers.latency_api import (
     LatencyApiPinger,
@@ -93,11 +94,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("route", ["latency", "ping"])
-async def test_classification_over_http(standin: LatencyStandIn, route: str) -> None:
+@pytest.mark.parametrize("route", get_args(LatencyRoute))
+async def test_classification_over_http(standin: LatencyStandIn, route: LatencyRoute) -> None:
     for i, (how, _, _) in enumerate(CASES):
         standin.behaviours[f"127.0.9.{i + 1}"] = how
-    pinger = LatencyApiPinger(standin.url, route=route, timeout_s=0.3)  # type: ignore[arg-type]
+    pinger = LatencyApiPinger(standin.url, route=route, timeout_s=0.3)
     await pinger.start()
     try:
         results = await asyncio.gather(
@@ -187,9 +188,9 @@ async def test_requests_go_under_the_base_urls_path() -> None:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        for route in ("latency", "ping"):
+        for route in get_args(LatencyRoute):
             pinger = LatencyApiPinger(f"http://127.0.0.1:{port}/gw/v%201/",
-                                      route=route, group="Sound Check")  # type: ignore[arg-type]
+                                      route=route, group="Sound Check")
             await pinger.start()
             try:
                 for ip in ("127.0.0.1", "::1"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -14,7 +15,7 @@ import pytest
 
 from poller.localpg import free_port
 from poller.metrics import Metrics
-from poller.models import JobSummary, Notice, NoticeJob
+from poller.models import JobSummary, Notice, NoticeJob, NoticeKind
 from poller.notices import Channel, DeliveryError, make_channels, render
 from poller.notices.delivery import Deliverer
 from poller.settings import Settings
@@ -69,7 +70,15 @@ def _settings(env: dict[str, str]) -> Settings:
     return Settings.from_env({"DATABASE_URL": "postgresql://unused@127.0.0.1/x", **env})
 
 
-def _notice(kind: str = "completion", email: str = "noc@example.com",
+def _part(msg: EmailMessage, subtype: str) -> str:
+    """The text of the message's body of this subtype, which it must have."""
+    part = msg.get_body((subtype,))
+    assert part is not None, f"no text/{subtype} part"
+    text: str = part.get_content()
+    return text
+
+
+def _notice(kind: NoticeKind = "completion", email: str = "noc@example.com",
             notice_id: int = 41) -> Notice:
     job = NoticeJob(uuid4(), "ACC-77", "192.0.2.44", email, "Ann <Ops>", 10, 60,
                     datetime(2026, 11, 29, 9, 0, tzinfo=UTC),
@@ -77,7 +86,7 @@ def _notice(kind: str = "completion", email: str = "noc@example.com",
     summary = JobSummary(360, 352, 6, 2, 12.5, 80.25, 41.0, 1, 5)
     if kind == "completion":
         return Notice(notice_id, "completion", 1, job, summary=summary)
-    return Notice(notice_id, kind, 1, job,  # type: ignore[arg-type]
+    return Notice(notice_id, kind, 1, job,
                   triggered_at=datetime(2026, 11, 29, 9, 30, tzinfo=UTC))
 
 
@@ -148,8 +157,7 @@ async def test_the_completion_mail_reads_well(ca: ThrowawayCA, smtp: RefusingSin
     assert msg["Subject"] == ("[Sound Check] PASS: monitoring of 192.0.2.44 (account ACC-77) "
                               "complete")
     assert msg["Message-ID"] == "<soundcheck-notice-41@soundcheck.example.com>"
-    plain = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
-    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    plain, html = (_part(msg, kind) for kind in ("plain", "html"))
     for text in (plain, html):
         assert "ACC-77" in text and "192.0.2.44" in text
         assert "every 10 s" in text and "60 min" in text
@@ -249,7 +257,8 @@ class Delivery:
 
 
 async def _outbox(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return await conn.fetch("select * from poller_outbox order by id")
+    rows: list[asyncpg.Record] = await conn.fetch("select * from poller_outbox order by id")
+    return rows
 
 
 async def test_an_smtp_outage_delays_notices_and_sends_each_once(

@@ -55,9 +55,9 @@ async def test_create_renders_the_owned_objects(cluster: Cluster) -> None:
                         and cluster.get(SVC, "pf") is not None
                         and cluster.get(PDB, "pf") is not None
                         and cluster.condition("pf", "Ready").get("status") == "True")
-    owner_uid = cluster.get(FLEETS, "pf")["metadata"]["uid"]  # type: ignore[index]
+    owner_uid = cluster.existing(FLEETS, "pf")["metadata"]["uid"]
     for res in (STS, SVC, PDB):
-        refs = cluster.get(res, "pf")["metadata"]["ownerReferences"]  # type: ignore[index]
+        refs = cluster.existing(res, "pf")["metadata"]["ownerReferences"]
         assert [(r["kind"], r["uid"], r["controller"]) for r in refs] == [
             ("PollerFleet", owner_uid, True)]
     sts = cluster.get(STS, "pf")
@@ -78,7 +78,7 @@ async def test_create_renders_the_owned_objects(cluster: Cluster) -> None:
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert poller["livenessProbe"]["httpGet"]["path"] == "/health"
     assert poller["readinessProbe"]["httpGet"]["path"] == "/ready"
-    assert cluster.get(PDB, "pf")["spec"]["maxUnavailable"] == 1  # type: ignore[index]
+    assert cluster.existing(PDB, "pf")["spec"]["maxUnavailable"] == 1
     assert cluster.fleet_status("pf")["observedGeneration"] == 1
 
 
@@ -306,7 +306,7 @@ async def test_the_emulation_merges_like_the_api_server(cluster: Cluster) -> Non
     from kubernetes import client as kc
     from pollerfleet import kube
 
-    body = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+    body: Any = {"apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": "smp", "namespace": NS},
             "spec": {"replicas": 1, "serviceName": "smp", "selector": {"matchLabels": {"a": "b"}},
                      "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [
@@ -316,7 +316,7 @@ async def test_the_emulation_merges_like_the_api_server(cluster: Cluster) -> Non
     await asyncio.to_thread(apps.create_namespaced_stateful_set, NS, body)
     body["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "A", "value": "9"}]
     await asyncio.to_thread(apps.patch_namespaced_stateful_set, "smp", NS, body)
-    env = cluster.get(STS, "smp")["spec"]["template"]["spec"]["containers"][0]["env"]  # type: ignore[index]
+    env = cluster.existing(STS, "smp")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert env == [{"name": "A", "value": "9"}, {"name": "B", "value": "2"}]
 
 
@@ -372,9 +372,16 @@ async def test_a_wall_clock_step_neither_stops_nor_rushes_the_fleet(
                        ids[10:])
     real_time = time.time
     for step in (-3600.0, 7200.0):  # an hour back, then an hour ahead of the real time
-        monkeypatch.setattr(time, "time", lambda s=step: real_time() + s)
+        def shifted(by: float = step) -> float:
+            return real_time() + by
+
+        monkeypatch.setattr(time, "time", shifted)
         seen = len(reads)
-        await cluster.until(lambda n=seen: len(reads) >= n + 3)  # still syncing
+
+        def synced_thrice(since: int = seen) -> bool:
+            return len(reads) >= since + 3
+
+        await cluster.until(synced_thrice)  # still syncing
         assert cluster.replicas("clock") == 3  # and no shrink before the window has passed
     assert cluster.fleet_status("clock").get("runningJobs") == 10
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from poller.metrics import Metrics
 from poller.models import Job, SampleStatus
@@ -57,7 +57,7 @@ async def test_every_ping_ends_in_exactly_one_sample() -> None:
         await prober.idle()
     assert pinger.submitted == 12 and len(pinger.held) == 3
     assert recorder.buffered == 12  # one sample per slot, no more, no less
-    statuses = {s.job_id: set() for s in recorder._buffer}
+    statuses: dict[UUID, set[SampleStatus]] = {s.job_id: set() for s in recorder._buffer}
     for s in recorder._buffer:
         statuses[s.job_id].add(s.status)
     by_ip = {st.ip: statuses[st.id] for st in states}

@@ -24,11 +24,11 @@ def sample(job: UUID, seq: int) -> Sample:
     return Sample(job, seq, SampleStatus.SUCCESS, 1.0, None, NOW)
 
 
-def make(store: MemoryStore, **kw: float) -> tuple[Recorder, Metrics]:
+def make(store: MemoryStore, *, batch_size: int = 10, flush_interval_s: float = 3600,
+         max_buffered: int = 1000, max_backoff_s: float = 0.05) -> tuple[Recorder, Metrics]:
     metrics = Metrics()
-    opts = {"batch_size": 10, "flush_interval_s": 3600, "max_buffered": 1000,
-            "max_backoff_s": 0.05, **kw}
-    return Recorder(store, metrics, **opts), metrics  # type: ignore[arg-type]
+    return Recorder(store, metrics, batch_size=batch_size, flush_interval_s=flush_interval_s,
+                    max_buffered=max_buffered, max_backoff_s=max_backoff_s), metrics
 
 
 async def written(store: MemoryStore, n: int) -> None:
@@ -90,13 +90,7 @@ def test_buffer_bound_drops_the_oldest_and_counts() -> None:
 async def test_drops_while_a_write_is_out_do_not_pop_newer_samples() -> None:
     store = MemoryStore()
     release = asyncio.Event()
-    real = store.record_batch
-
-    async def slow(samples, complete):  # type: ignore[no-untyped-def]
-        await release.wait()
-        return await real(samples, complete)
-
-    store.record_batch = slow  # type: ignore[method-assign]
+    store.gate = release  # each write waits for it
     rec, _ = make(store, max_buffered=6, batch_size=4)
     job = uuid4()
     for k in range(4):

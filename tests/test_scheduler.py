@@ -113,7 +113,12 @@ async def test_after_a_stall_only_the_newest_overdue_slot_is_pinged() -> None:
     pinged: list[int] = []
     skipped: list[int] = []
     done = asyncio.Event()
-    s = Scheduler(lambda st, k, due: (pinged.append(k), done.set()), lambda st: None,
+
+    def on_slot(st: JobState, k: int, due: float) -> None:
+        pinged.append(k)
+        done.set()
+
+    s = Scheduler(on_slot, lambda st: None,
                   clock=lambda: now[0], on_skipped=lambda st, k, due: skipped.append(k))
     await s.update([job(cadence=10, last_ping=T0)])  # slot 1 next, due at +10
     now[0] = at(35)  # a 30 s stall: slots 1, 2 and 3 are all due
@@ -134,8 +139,11 @@ async def test_run_dispatches_each_slot_once_on_time() -> None:
     ended = asyncio.Event()
     start = datetime.fromtimestamp(time.time() - 58.6, UTC)  # 1-minute job, ~1.4 s left
     j = Job(uuid4(), "127.0.0.1", 1, 1, start, start)
-    s = Scheduler(lambda st, k, due: slots.append((k, due, time.time())),
-                  lambda st: (expired.append(st), ended.set()))
+    def on_expired(st: JobState) -> None:
+        expired.append(st)
+        ended.set()
+
+    s = Scheduler(lambda st, k, due: slots.append((k, due, time.time())), on_expired)
     await s.update([j])
     task = asyncio.create_task(s.run())
     async with asyncio.timeout(5):

@@ -40,7 +40,7 @@ def count(svc: Service, name: str) -> float:
     return svc.metrics.value(f"soundcheck_poller_{name}_total")
 
 
-async def get(svc: Service, path: str) -> tuple[int, object]:
+async def get(svc: Service, path: str) -> tuple[int, Any]:  # Any: JSON, or /metrics' text
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         url = f"http://127.0.0.1:{svc.settings.port}{path}"
         async with session.get(url) as resp:
@@ -137,16 +137,16 @@ async def test_probes_and_metrics(conn: asyncpg.Connection, dsn: str,
         await until(svc.progress, lambda: count(svc, "samples_written") >= 2)
         status, health = await get(svc, "/health")
         assert status == 200
-        assert health["status"] == "ok" and health["replica"] == "0/1"  # type: ignore[index]
-        assert health["owned_jobs"] == 2  # type: ignore[index]
-        assert {"pings_in_flight", "buffered_samples", "last_good_sync_age_s"} <= set(health)  # type: ignore[arg-type]
+        assert health["status"] == "ok" and health["replica"] == "0/1"
+        assert health["owned_jobs"] == 2
+        assert {"pings_in_flight", "buffered_samples", "last_good_sync_age_s"} <= set(health)
         assert (await get(svc, "/ready"))[0] == 200
         status, text = await get(svc, "/metrics")
         for name in ("soundcheck_poller_pings_total{status=\"success\"}",
                      "soundcheck_poller_rtt_seconds_bucket", "soundcheck_poller_lateness_seconds",
                      "soundcheck_poller_buffered_samples", "soundcheck_poller_flush_errors_total",
                      "soundcheck_poller_owned_jobs 2.0"):
-            assert name in text, name  # type: ignore[operator]
+            assert name in text, name
     finally:
         await svc.stop()
 
@@ -158,7 +158,7 @@ async def test_not_ready_while_the_database_is_unreachable(standin: LatencyStand
     try:
         await until(svc.progress, lambda: count(svc, "sync_errors") >= 1)
         status, body = await get(svc, "/ready")
-        assert status == 503 and "no successful job sync yet" in body["reasons"]  # type: ignore[index]
+        assert status == 503 and "no successful job sync yet" in body["reasons"]
         assert "hunter2" not in str(body)
         status, health = await get(svc, "/health")
         assert status == 200 and "hunter2" not in str(health)
@@ -209,18 +209,19 @@ async def test_supabase_transport_makes_one_rpc_per_sync_and_per_batch(
 
 
 async def test_a_loop_that_crashes_makes_the_exit_code_non_zero(
-        dsn: str, standin: LatencyStandIn) -> None:
+        dsn: str, standin: LatencyStandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     svc = Service(settings(dsn, standin))
 
     async def broken() -> None:
         raise RuntimeError("a bug in a loop")
 
-    svc.recorder.run = broken  # type: ignore[method-assign]
+    monkeypatch.setattr(svc.recorder, "run", broken)
     async with asyncio.timeout(30):
         assert await svc.run() == 1  # before: 0, as if all was well
 
 
-async def test_an_asyncpg_state_error_is_an_outage_not_a_crash(dsn: str) -> None:
+async def test_an_asyncpg_state_error_is_an_outage_not_a_crash(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # asyncpg raised InternalClientError ("cannot switch to state …") out of the store on a
     # database restart, and the recorder loop died with the samples it held.
     import asyncpg.exceptions
@@ -231,19 +232,18 @@ async def test_an_asyncpg_state_error_is_an_outage_not_a_crash(dsn: str) -> None
     store = PostgresStore(dsn, 5)
     await store.open()
     try:
-        async with store._pool.acquire() as conn:  # type: ignore[union-attr]
-            real = type(conn).fetchval
+        assert store._pool is not None
+        async with store._pool.acquire() as conn:
+            connection_class = type(conn)
 
-            async def state_error(self: object, *a: object, **k: object) -> object:
-                raise asyncpg.exceptions.InternalClientError(
-                    "cannot switch to state 15; another operation (2) is in progress")
+        async def state_error(self: object, *a: object, **k: object) -> object:
+            raise asyncpg.exceptions.InternalClientError(
+                "cannot switch to state 15; another operation (2) is in progress")
 
-            type(conn).fetchval = state_error  # type: ignore[method-assign]
-        try:
+        with monkeypatch.context() as patched:
+            patched.setattr(connection_class, "fetchval", state_error)
             with pytest.raises(StoreUnavailable, match="InternalClientError"):
                 await store.api_version()
-        finally:
-            type(conn).fetchval = real  # type: ignore[method-assign]
         assert await store.api_version() >= 4  # a fresh connection works
     finally:
         await store.close()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from typing import get_args
 
 import aiohttp
 import asyncpg
 import pytest
 
 from poller.localpg import free_port
-from poller.models import SampleStatus
+from poller.models import LatencyRoute, SampleStatus
 from poller.pingers import ping
 from poller.pingers.latency_api import LatencyApiPinger
 from poller.service import Service
@@ -21,9 +22,9 @@ from tests.support.db import add_jobs
 from tests.support.netns import NetnsHost, unavailable_reason
 
 
-@pytest.mark.parametrize("route", ["latency", "ping"])
-async def test_client_and_sidecar_agree(sidecar: str, route: str) -> None:
-    client = LatencyApiPinger(sidecar, route=route, timeout_s=5)  # type: ignore[arg-type]
+@pytest.mark.parametrize("route", get_args(LatencyRoute))
+async def test_client_and_sidecar_agree(sidecar: str, route: LatencyRoute) -> None:
+    client = LatencyApiPinger(sidecar, route=route, timeout_s=5)
     await client.start()
     try:
         results = await asyncio.gather(*(ping(client, ip) for ip in
@@ -55,8 +56,8 @@ async def test_absent_host_is_classified_missed(sidecar: str) -> None:
     host = NetnsHost(f"sc-side-{os.getpid() % 10000}", 4)
     host.create()
     try:
-        for route in ("latency", "ping"):
-            client = LatencyApiPinger(sidecar, route=route, timeout_s=5)  # type: ignore[arg-type]
+        for route in get_args(LatencyRoute):
+            client = LatencyApiPinger(sidecar, route=route, timeout_s=5)
             await client.start()
             try:
                 result = await ping(client, host.absent_ip)

@@ -8,7 +8,8 @@ statement each time."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -45,7 +46,7 @@ async def test_each_call_is_one_round_trip(conn: asyncpg.Connection, prepared: b
     store = PostgresStore(via_proxy, timeout_s=5.0, pool_size=1, prepared_statements=prepared)
     await store.open()
     now = time.time()
-    calls = {
+    calls: dict[str, Callable[[int], Awaitable[Any]]] = {
         "record_batch": lambda seq: store.record_batch(
             [Sample(job, seq, SampleStatus.SUCCESS, 1.5, None, now)], []),
         "job_changes": lambda seq: store.job_changes(list(range(BUCKETS)), None, 100),

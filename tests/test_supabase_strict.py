@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -44,7 +45,7 @@ async def rest(dsn: str) -> AsyncIterator[PostgrestStandIn]:
 
 
 async def _rpc(rest: PostgrestStandIn, role: str, fn: str, args: dict[str, object]
-               ) -> tuple[int, object]:
+               ) -> tuple[int, Any]:  # Any: the JSON answer
     key = rest.key(role)
     async with aiohttp.ClientSession() as s, s.post(
             f"{rest.url}/rest/v1/rpc/{fn}", json=args,
@@ -79,18 +80,17 @@ async def test_browser_roles_can_call_and_write_nothing_of_ours(
     assert await conn.fetchval(
         "select to_regprocedure('soundcheck_restrict_to_service_role(text[])')") is None
     # Through the gateway, with the key every browser holds: refused, whatever is asked.
-    for fn, args in (("soundcheck_owned_buckets", {"p_replica_id": 0,
-                                                   "p_replica_counts": [1] * 100}),
-                     ("soundcheck_bucket", {"p_job_id": "11111111-1111-1111-1111-111111111111"}),
-                     ("soundcheck_lock_down", {}),
-                     ("poller_fleet_state", {"p_fleet": "x"}),
-                     ("poller_jobs_page", {"p_replica_id": 0, "p_replica_counts": [1],
-                                           "p_after": None, "p_limit": 10}),
-                     # the outbox holds every requester's address: not for a browser
-                     ("poller_claim_notices", {"p_claimer": "x", "p_limit": 10,
-                                               "p_lease_s": 60}),
-                     ("soundcheck_job_summary",
-                      {"p_job_id": "11111111-1111-1111-1111-111111111111"})):
+    calls: tuple[tuple[str, dict[str, object]], ...] = (
+        ("soundcheck_owned_buckets", {"p_replica_id": 0, "p_replica_counts": [1] * 100}),
+        ("soundcheck_bucket", {"p_job_id": "11111111-1111-1111-1111-111111111111"}),
+        ("soundcheck_lock_down", {}),
+        ("poller_fleet_state", {"p_fleet": "x"}),
+        ("poller_jobs_page", {"p_replica_id": 0, "p_replica_counts": [1], "p_after": None,
+                              "p_limit": 10}),
+        # the outbox holds every requester's address: not for a browser
+        ("poller_claim_notices", {"p_claimer": "x", "p_limit": 10, "p_lease_s": 60}),
+        ("soundcheck_job_summary", {"p_job_id": "11111111-1111-1111-1111-111111111111"}))
+    for fn, args in calls:
         status, body = await _rpc(rest, "anon", fn, args)
         assert status == 401 and body["code"] == "42501", (fn, status, body)
     assert await _rpc(rest, "service_role", "poller_api_version", {}) == (200, API_VERSION)

@@ -172,10 +172,10 @@ async def test_a_starting_fleet_shares_its_buckets_from_the_first_sync(
     await conn.execute("select poller_set_failover($1, 15)", FLEET)
 
     async def sync(replica: int, applied_at: datetime | None) -> dict[str, Any]:
-        out = json.loads(await conn.fetchval(
+        out: dict[str, Any] = json.loads(await conn.fetchval(
             "select poller_fleet_sync_live($1, $2, 1, '{3}', $3, false, 0, 'v', 1)",
             FLEET, replica, applied_at))
-        return out  # type: ignore[no-any-return]
+        return out
 
     first = await sync(0, None)  # a new process: nothing applied yet
     assert first["live"] == [0, 1, 2]  # 1 and 2 not seen yet, but expected

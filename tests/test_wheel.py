@@ -151,9 +151,9 @@ async def test_installed_poller_migrates_and_writes_samples(
             await poller.until_ready_is(200)
 
             async def every_job_has_samples() -> bool:
-                return await conn.fetchval(
+                return bool(await conn.fetchval(
                     "select count(distinct job_id) from samples where job_id = any($1)",
-                    ids) == len(ids)
+                    ids) == len(ids))
 
             await eventually(every_job_has_samples, timeout=30, what="samples of every job")
             poller.terminate()

@@ -57,7 +57,8 @@ async def close_store(**_: Any) -> None:
 def _wake(memo: kopf.Memo) -> asyncio.Event:
     if "wake" not in memo:
         memo["wake"] = asyncio.Event()
-    return memo["wake"]  # type: ignore[no-any-return]
+    wake: asyncio.Event = memo["wake"]
+    return wake
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")

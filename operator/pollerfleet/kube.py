@@ -38,7 +38,8 @@ def api() -> client.ApiClient:
 
 
 def _json(resp: Any) -> dict[str, Any]:
-    return json.loads(resp.data)  # type: ignore[no-any-return]
+    data: dict[str, Any] = json.loads(resp.data)
+    return data
 
 
 FIELD_MANAGER = "pollerfleet-operator"

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
-from ..models import MAX_RTT_MS, SampleStatus
+from ..models import MAX_RTT_MS, LatencyRoute, SampleStatus
 from . import Done, PingResult, system_error, valid_ip
 
 MAX_BODY_BYTES = 64 * 1024  # an answer is ~100 bytes; anything near this is not one
@@ -86,7 +86,7 @@ class LatencyApiPinger:
         self,
         base_url: str,
         *,
-        route: Literal["latency", "ping"] = "latency",
+        route: LatencyRoute = "latency",
         group: str = "Sound Check",
         timeout_s: float = 10.0,
         concurrency: int = 50,

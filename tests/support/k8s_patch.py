@@ -51,20 +51,20 @@ def strategic_merge(current: Any, patch: Any, field: str = "") -> Any:
         key = _merge_key(field, current + patch)
         if key is None:
             return _strip(patch)
-        out = copy.deepcopy(current)
+        items = copy.deepcopy(current)
         for item in patch:
             if not isinstance(item, dict) or key not in item:
                 continue
-            at = next((i for i, have in enumerate(out)
+            at = next((i for i, have in enumerate(items)
                        if isinstance(have, dict) and have.get(key) == item[key]), None)
             if item.get("$patch") == "delete":
                 if at is not None:
-                    del out[at]
+                    del items[at]
             elif at is None:
-                out.append(_strip(item))
+                items.append(_strip(item))
             else:
-                out[at] = strategic_merge(out[at], item, field)
-        return out
+                items[at] = strategic_merge(items[at], item, field)
+        return items
     return _strip(patch)
 
 
@@ -94,17 +94,18 @@ def _prune(current: Any, previous: Any, applied: Any, field: str = "") -> Any:
             return current  # atomic lists: replaced by the merge that follows
         now = {i.get(key): i for i in (applied or []) if isinstance(i, dict)}
         before = {i.get(key): i for i in previous if isinstance(i, dict)}
-        out = []
+        kept: list[Any] = []
         for item in current:
             k = item.get(key) if isinstance(item, dict) else None
             if k in before and k not in now:
                 continue
-            out.append(_prune(item, before[k], now[k], field) if k in before else item)
-        return out
+            kept.append(_prune(item, before[k], now[k], field) if k in before else item)
+        return kept
     return current
 
 
 def server_side_apply(current: dict[str, Any], applied: dict[str, Any],
                       previous: dict[str, Any] | None) -> dict[str, Any]:
     base = _prune(current, previous, applied) if previous is not None else current
-    return strategic_merge(base, applied)  # type: ignore[no-any-return]
+    merged: dict[str, Any] = strategic_merge(base, applied)
+    return merged

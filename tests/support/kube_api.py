@@ -200,7 +200,14 @@ class Cluster:
         key = (resource, NS, name)
         if key not in self.emu.objects or self.emu.objects[key].deleted:
             return None
-        return self.emu.objects[key].raw  # type: ignore[no-any-return]
+        raw: dict[str, Any] = self.emu.objects[key].raw
+        return raw
+
+    def existing(self, resource: Any, name: str) -> dict[str, Any]:
+        """The object, which must exist."""
+        found = self.get(resource, name)
+        assert found is not None, f"no {name} of {resource}"
+        return found
 
     async def until(self, cond: Callable[[], bool], timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
@@ -243,10 +250,8 @@ class Cluster:
         return (self.get(FLEETS, name) or {}).get("status") or {}
 
     def condition(self, name: str, kind: str) -> dict[str, Any]:
-        for cond in self.fleet_status(name).get("conditions", []):
-            if cond["type"] == kind:
-                return cond  # type: ignore[no-any-return]
-        return {}
+        conditions: list[dict[str, Any]] = self.fleet_status(name).get("conditions", [])
+        return next((c for c in conditions if c["type"] == kind), {})
 
     def replicas_history(self, name: str) -> list[int]:
         """Every spec.replicas the StatefulSet has had, in order (repeats collapsed)."""
@@ -270,10 +275,11 @@ async def running_operator(dsn: str) -> AsyncIterator[Cluster]:
     """
     async with FilledEmulator() as emu, kmock.Server(emu) as server:
         emu.resources.load_bundled()
-        emu.resources[FLEETS] = {
+        fleets: kmock.ResourceDict = {
             "kind": "PollerFleet", "namespaced": True, "singular": "pollerfleet",
             "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
-            "subresources": ["status"]}
+            "subresources": ["status"], "shortnames": [], "categories": []}
+        emu.resources[FLEETS] = fleets
         c = Cluster(emu, server)
         kube.configure(kc.ApiClient(kc.Configuration(host=c.url)))
         c.namespace = NS

@@ -15,6 +15,7 @@ import json
 import socket
 import struct
 from collections import Counter
+from typing import Any
 
 from aiohttp import web
 
@@ -68,7 +69,7 @@ class LatencyStandIn:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _answer(self, ip: str) -> tuple[int, str, dict | None]:
+    def _answer(self, ip: str) -> tuple[int, str, dict[str, Any] | None]:
         """(HTTP status, behaviour, latency-route body)."""
         self.requests[ip] += 1
         self.progress.notify()
@@ -128,7 +129,7 @@ class LatencyStandIn:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:
