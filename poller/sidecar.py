@@ -97,7 +97,9 @@ def _health(pinger: IcmpPinger) -> Any:
 
 async def serve(host: str, port: int, timeout_s: float, socket_kind: SocketKind,
                 max_in_flight: int, stop: asyncio.Event, *, health_port: int | None = None,
-                policy: TargetPolicy | None = None) -> None:
+                policy: TargetPolicy | None = None, serving: asyncio.Event | None = None
+                ) -> None:
+    """Serve until `stop` is set; `serving` (if given) is set once every port listens."""
     pinger = IcmpPinger(timeout_s, socket_kind)
     await pinger.start()
     runners = [web.AppRunner(make_app(pinger, max_in_flight, policy), access_log=None,
@@ -113,6 +115,8 @@ async def serve(host: str, port: int, timeout_s: float, socket_kind: SocketKind,
             await web.TCPSite(runner, h, p).start()
         log.info("latency sidecar on %s:%d, health on %s (ICMP sockets: %s)", host, port,
                  health_port or port, pinger.socket_kinds)
+        if serving is not None:
+            serving.set()
         await stop.wait()
     finally:
         for runner in runners:

@@ -8,7 +8,6 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -133,17 +132,18 @@ async def sidecar() -> AsyncIterator[str]:
     if os.geteuid() != 0:
         pytest.skip("the sidecar's raw ICMP socket needs root here")
     port = free_port()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve("127.0.0.1", port, 2.0, "raw", 2000, stop))
+    stop, serving = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve("127.0.0.1", port, 2.0, "raw", 2000, stop,
+                                     serving=serving))
     url = f"http://127.0.0.1:{port}"
-    async with asyncio.timeout(10), aiohttp.ClientSession() as session:
-        while True:  # until it accepts connections (it is starting in this event loop)
-            try:
-                async with session.get(f"{url}/health") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.01)
+    listening = asyncio.ensure_future(serving.wait())
+    try:
+        async with asyncio.timeout(10):  # it listens, or it failed to start (raised)
+            await asyncio.wait([task, listening], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listening.cancel()
+    if task.done():
+        task.result()  # raises what stopped it
     yield url
     stop.set()
     await task

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -23,6 +24,7 @@ from tests.support.db import add_jobs
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.postgrest_standin import PostgrestStandIn
 from tests.support.processes import PollerProcess
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +40,22 @@ async def stop_all(procs: list[PollerProcess]) -> list[int]:
     for p in procs:
         p.terminate()
     return list(await asyncio.gather(*(p.wait() for p in procs)))
+
+
+async def _every_job_written(dsn: str, ids: list[UUID]) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(await conn.fetchval(
+            "select count(distinct job_id) from samples where job_id = any($1)",
+            ids) == len(ids))
+    finally:
+        await conn.close()
+
+
+async def _backlog_written(poller: PollerProcess) -> bool:
+    """Less than a second's samples (20 jobs at 1 s) left in the buffer: what piled up
+    while the database was down (about 60) has been written."""
+    return bool((await poller.get("/health"))[1]["buffered_samples"] < 20)
 
 
 async def test_three_replicas_share_the_jobs_every_slot_once(
@@ -79,15 +97,17 @@ async def test_database_outage_loses_no_sample(own_pg: LocalPostgres, db_env: Db
         await poller.start()
         await poller.synced()
         ready_at = time.time()
-        await asyncio.sleep(1.5)
+        await eventually(lambda: _every_job_written(own_pg.dsn, ids), timeout=10,
+                         what="a sample of every job before the outage")
         await asyncio.to_thread(own_pg.stop, "immediate")
         await poller.until_ready_is(503)
         _, health = await poller.get("/health")
         assert health["status"] == "ok" and health["owned_jobs"] == 20  # alive, still pinging
-        await asyncio.sleep(3)
+        await asyncio.sleep(3)  # the outage: three cadences of every job
         await asyncio.to_thread(own_pg.start)
         await poller.until_ready_is(200)
-        await asyncio.sleep(1.5)
+        await eventually(lambda: _backlog_written(poller), timeout=10,
+                         what="what was buffered in the outage written")
         stop_at = time.time()
         poller.terminate()
         assert await poller.wait() == 0
@@ -111,12 +131,14 @@ async def test_sigterm_writes_every_buffered_sample(own_pg: LocalPostgres, db_en
     try:
         await poller.start()
         await poller.synced()
-        await asyncio.sleep(1)
+        await eventually(lambda: _every_job_written(own_pg.dsn, ids), timeout=10,
+                         what="a sample of every job")
         # Writes fail from here: the samples of the next seconds pile up in the buffer.
         await asyncio.to_thread(own_pg.stop, "immediate")
-        await asyncio.sleep(2.2)
-        _, health = await poller.get("/health")
-        assert health["buffered_samples"] >= 5 * 20  # several batches, not one
+
+        async def several_batches_buffered() -> bool:
+            return bool((await poller.get("/health"))[1]["buffered_samples"] >= 5 * 20)
+        await eventually(several_batches_buffered, timeout=10, what="100 samples buffered")
         poller.terminate()
         await poller.until_ready_is(503, timeout=5)
         await asyncio.sleep(0.5)

@@ -96,7 +96,8 @@ async def test_drops_while_a_write_is_out_do_not_pop_newer_samples() -> None:
     for k in range(4):
         rec.add(sample(job, k))
     write = asyncio.create_task(rec._flush(partial=True))
-    await asyncio.sleep(0)  # the first batch (0..3) is now out
+    async with asyncio.timeout(5):
+        await store.progress.wait_for(lambda: store.started == 1)  # batch 0..3 is out
     for k in range(4, 9):  # 9 accepted, bound 6: 0, 1, 2 dropped meanwhile
         rec.add(sample(job, k))
     release.set()

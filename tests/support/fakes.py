@@ -35,9 +35,11 @@ class MemoryStore:
         self.crash: BaseException | None = None  # raised by the next call, once
         self.gate: asyncio.Event | None = None  # while set to an unset event, calls wait
         self.progress = Progress()  # notified on every call
+        self.started = 0  # calls begun (a call waiting at the gate included)
 
     async def record_batch(self, samples: Sequence[Sample],
                            complete: Sequence[UUID]) -> RecordResult:
+        self.started += 1
         self.progress.notify()
         if self.gate is not None:
             await self.gate.wait()
