@@ -12,7 +12,9 @@ from poller.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CODE = [*ROOT.glob("poller/**/*.py"), *ROOT.glob("operator/**/*.py"),
-        *ROOT.glob("poller/sql/**/*.sql"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]
+        *ROOT.glob("poller/sql/**/*.sql"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py"),
+        *ROOT.glob("Dockerfile.*"), *ROOT.glob("tools/*"), *ROOT.glob("manifests/**/*.yaml"),
+        *ROOT.glob("monitoring/**/*.y*ml"), ROOT / ".ci" / "run"]
 
 
 def docs_text() -> str:

@@ -7,7 +7,7 @@
 # Registries cannot be reached from the machines this project is tested on, so the base,
 # python:3.11-slim-bookworm, is a local stand-in made from Debian packages: debootstrap's
 # minbase of bookworm plus Debian's python3.11 and venv, imported under the base's
-# name (README, "Images", says how it differs). With registry access set
+# name (docs/operator.md, "Images", says how it differs). With registry access set
 # BASE_IMAGE=python:3.11-slim-bookworm@sha256:… (the Dockerfiles' default) and skip it.
 #
 # Settings: BASE_IMAGE (default: the stand-in's name), DEBIAN_MIRROR, CONTAINERS_CONF

@@ -47,5 +47,15 @@ do $$ begin
     end if;
 end $$;
 
+-- Migrations of earlier releases that held only functions, now in the repeatable files:
+-- recorded as applied, so an earlier release's migrate run against this database skips
+-- them instead of putting their old function bodies back. (Where they ran, their rows are
+-- there already.)
+insert into soundcheck_migrations (version, name)
+values (2, '002_poller_api'), (3, '003_fleet_api'), (7, '007_paged_sync'),
+       (13, '013_time_ordered_sample_ids'), (15, '015_held_jobs_skip_evaluation'),
+       (17, '017_late_samples')
+on conflict (version) do nothing;
+
 insert into soundcheck_migrations (version, name)
 values (18, '018_repeatables') on conflict (version) do nothing;
