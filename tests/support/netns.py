@@ -30,6 +30,23 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def veth_host(netns: str, subnet: int, prefix: int, outside: str,
+              inside: str) -> list[tuple[str, ...]]:
+    """The commands, in order, that make network namespace `netns` a host at
+    10.250.<subnet>.2/<prefix>, reached through a veth pair whose end `outside` (in the
+    caller's namespace) is 10.250.<subnet>.1. Shared by the test hosts here and the node
+    agent's pods, each running them its own way."""
+    inner = ("ip", "netns", "exec", netns)
+    return [("ip", "netns", "add", netns),
+            ("ip", "link", "add", outside, "type", "veth", "peer", "name", inside),
+            ("ip", "link", "set", inside, "netns", netns),
+            ("ip", "addr", "add", f"10.250.{subnet}.1/{prefix}", "dev", outside),
+            ("ip", "link", "set", outside, "up"),
+            (*inner, "ip", "addr", "add", f"10.250.{subnet}.2/{prefix}", "dev", inside),
+            (*inner, "ip", "link", "set", inside, "up"),
+            (*inner, "ip", "link", "set", "lo", "up")]
+
+
 def _sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True, timeout=30)
 
@@ -53,15 +70,9 @@ class NetnsHost:
         _sh("ip", "netns", "exec", self.name, *cmd)
 
     def create(self) -> None:
-        outside, inside = f"sco{self.subnet}", f"sci{self.subnet}"
-        _sh("ip", "netns", "add", self.name)
-        _sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        _sh("ip", "link", "set", inside, "netns", self.name)
-        _sh("ip", "addr", "add", f"10.250.{self.subnet}.1/24", "dev", outside)
-        _sh("ip", "link", "set", outside, "up")
-        self.run("ip", "addr", "add", f"{self.ip}/24", "dev", inside)
-        self.run("ip", "link", "set", inside, "up")
-        self.run("ip", "link", "set", "lo", "up")
+        for cmd in veth_host(self.name, self.subnet, 24, f"sco{self.subnet}",
+                             f"sci{self.subnet}"):
+            _sh(*cmd)
 
     def drop_echo_requests(self, percent: int) -> None:
         self.run("nft", "add", "table", "inet", "loss")

@@ -46,6 +46,7 @@ import aiohttp
 
 from tests.support.control_plane import ADMIN_TOKEN, ControlPlane
 from tests.support.k8s_deploy import container_env, expand, pod_fields, secrets_named
+from tests.support.netns import veth_host
 
 log = logging.getLogger("tests.node_agent")
 BIN = str(Path(sys.executable).parent)
@@ -102,15 +103,9 @@ class RunningPod:
         return f"10.250.{self.subnet}.2"
 
     async def start(self) -> None:
-        outside, inside = f"scp{self.subnet}o", f"scp{self.subnet}i"
-        await _sh("ip", "netns", "add", self.netns)
-        await _sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        await _sh("ip", "link", "set", inside, "netns", self.netns)
-        await _sh("ip", "addr", "add", f"10.250.{self.subnet}.1/30", "dev", outside)
-        await _sh("ip", "link", "set", outside, "up")
-        for cmd in (("ip", "addr", "add", f"{self.ip}/30", "dev", inside),
-                    ("ip", "link", "set", inside, "up"), ("ip", "link", "set", "lo", "up")):
-            await _sh("ip", "netns", "exec", self.netns, *cmd)
+        for cmd in veth_host(self.netns, self.subnet, 30, f"scp{self.subnet}o",
+                             f"scp{self.subnet}i"):
+            await _sh(*cmd)
         for sysctl in (self.pod["spec"].get("securityContext") or {}).get("sysctls", []):
             await _sh("ip", "netns", "exec", self.netns, "sysctl", "-q", "-w",
                       f"{sysctl['name']}={sysctl['value']}")
