@@ -26,7 +26,7 @@ import pytest
 from poller.localpg import free_port
 from tests.support.control_plane import ControlPlane
 from tests.support.db import add_jobs
-from tests.support.k8s_deploy import ready_condition
+from tests.support.k8s_deploy import apply_crd, ready_condition
 from tests.support.latency_standin import LatencyStandIn
 from tests.support.processes import PollerProcess
 from tests.support.waiting import eventually
@@ -171,11 +171,8 @@ async def test_installed_operator_loads_its_handlers_against_a_real_api_server(
     Secret does not exist gets Ready=False/InvalidSpec, written by the installed handlers."""
     kubectl = ["kubectl", "--kubeconfig", str(control_plane.kubeconfig)]
     ns = "wheel-test"
-    run([*kubectl, "apply", "--server-side", "-f", str(ROOT / "crds" / "pollerfleet.yaml")],
-        cwd=tmp_path)
+    apply_crd(control_plane)
     run([*kubectl, "create", "namespace", ns], cwd=tmp_path)
-    run([*kubectl, "wait", "--for=condition=Established", "--timeout=30s",
-         "crd/pollerfleets.soundcheck.io"], cwd=tmp_path)
     port = free_port()
     kopf = await asyncio.create_subprocess_exec(
         str(venv / "bin" / "kopf"), "run", "--standalone", f"--namespace={ns}",

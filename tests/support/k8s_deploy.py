@@ -41,13 +41,19 @@ def ready_condition(fleet: dict[str, Any]) -> dict[str, Any]:
     return next((c for c in conds if c["type"] == "Ready"), {})
 
 
+def apply_crd(plane: ControlPlane) -> None:
+    """The CRD as the README's Deploy steps apply it (client-side `kubectl apply`), so a later
+    test that runs those steps on the same control plane finds what a user would."""
+    kubectl(plane, "apply", "-f", str(ROOT / "crds" / "pollerfleet.yaml"))
+    kubectl(plane, "wait", "--for=condition=Established", "--timeout=30s",
+            "crd/pollerfleets.soundcheck.io")
+
+
 def apply_manifests(plane: ControlPlane, ns: str, work: Path) -> None:
     """The CRD, then manifests/ through a kustomization of the documented kind
     (`resources: [<repo>/manifests]`) that moves it to `ns`. The operator Deployment is kept
     at 0 replicas: the test runs the operator itself (`start_operator`)."""
-    kubectl(plane, "apply", "--server-side", "-f", str(ROOT / "crds" / "pollerfleet.yaml"))
-    kubectl(plane, "wait", "--for=condition=Established", "--timeout=30s",
-            "crd/pollerfleets.soundcheck.io")
+    apply_crd(plane)
     work.mkdir(parents=True, exist_ok=True)
     (work / "kustomization.yaml").write_text(
         f"namespace: {ns}\nresources: [{os.path.relpath(ROOT / 'manifests', work)}]\n"
